@@ -1,0 +1,2 @@
+//! Hyper-V integration-component wire formats. No I/O here.
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! VMBus ring buffers (see `shared/specs/shm-transport.md`).

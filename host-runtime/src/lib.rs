@@ -1,0 +1,1 @@
+//! hvisd: Hyper-V integration services for Linux guests.
