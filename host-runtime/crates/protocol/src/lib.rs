@@ -1,2 +1,5 @@
 //! Hyper-V integration-component wire formats. No I/O here.
 #![forbid(unsafe_code)]
+
+pub mod guid;
+pub mod ic;

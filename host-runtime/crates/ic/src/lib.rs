@@ -1,0 +1,4 @@
+//! The integration-component framework and the small IC services.
+#![forbid(unsafe_code)]
+
+pub mod service;

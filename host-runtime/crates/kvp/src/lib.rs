@@ -1,0 +1,2 @@
+//! KVP: key/value exchange with the host.
+#![forbid(unsafe_code)]
