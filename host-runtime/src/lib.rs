@@ -1,1 +1,17 @@
 //! hvisd: Hyper-V integration services for Linux guests.
+//!
+//! Where a byte from the host goes: a transport ([`transport`]) maps the ring memory and obtains a
+//! doorbell; [`channel`] moves whole packets over `hvisd-ring`; [`services`] hands each packet to the
+//! IC framework (`hvisd-ic`) and a service (heartbeat, shutdown, timesync, KVP); replies travel back
+//! the same way. [`sim`] plays the host for tests and demos.
+#![deny(unsafe_code)]
+
+pub mod async_fd;
+pub mod channel;
+pub mod config;
+pub mod doorbell;
+pub mod offer;
+pub mod runtime;
+pub mod services;
+pub mod sim;
+pub mod transport;

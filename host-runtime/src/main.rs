@@ -1,1 +1,227 @@
-fn main() {}
+//! `hvisd`: the runtime, the host simulator, and the operator's tools in one binary.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use hvisd::config::Config;
+use hvisd::services::Services;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "hvisd", version, about = "Hyper-V integration services for Linux guests")]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `hvisd=debug`. Overrides RUST_LOG.
+    #[arg(long, global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the guest runtime on a transport.
+    Run {
+        /// `shm:ROOT` (a host simulator's root), `uio` or `uio:SYSFS_DEVICES_DIR[:DEV_DIR]`.
+        #[arg(long)]
+        transport: String,
+        /// The runtime's TOML config (defaults apply without one).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Play the Hyper-V host on an shm root.
+    Host {
+        /// The shm root to create offers in (created if missing).
+        #[arg(long)]
+        root: PathBuf,
+        #[command(subcommand)]
+        command: HostCommand,
+    },
+    /// Run the embedded simulator and the runtime together and print the transcript.
+    Sim {
+        /// A host script to play instead of the built-in tour.
+        #[arg(long)]
+        script: Option<PathBuf>,
+        /// Keep the shm root here instead of a temporary directory.
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// The runtime's TOML config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Benchmarks that print figures.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostCommand {
+    /// Run a JSON script of host actions and print a JSON transcript.
+    Script {
+        /// The script file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Ring throughput over a real shared mapping, against a memcpy baseline.
+    Ring {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Runs of every case; the fastest is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: u32,
+        /// Bytes of the ring (one direction, control page included).
+        #[arg(long, default_value_t = 128 * 4096)]
+        ring_size: usize,
+    },
+}
+
+fn init_tracing(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(f) => EnvFilter::new(f),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    // Logs go to stderr so stdout stays clean for transcripts and JSON figures.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config> {
+    match path {
+        Some(p) => Ok(Config::load(p)?),
+        None => Ok(Config::default()),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log.as_deref());
+    match cli.command {
+        Command::Run { transport, config } => {
+            let config = load_config(config.as_ref())?;
+            runtime()?.block_on(run(&transport, config))
+        }
+        Command::Host { root, command } => match command {
+            HostCommand::Script { file } => runtime()?.block_on(host_script(root, file)),
+        },
+        Command::Sim { script, root, config } => {
+            let config = load_config(config.as_ref())?;
+            runtime()?.block_on(sim(script, root, config))
+        }
+        Command::Bench { which } => match which {
+            BenchCommand::Ring {
+                json,
+                repeats,
+                ring_size,
+            } => bench_ring(json, repeats, ring_size),
+        },
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+async fn stop_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+async fn run(transport: &str, config: Config) -> Result<()> {
+    let services = Services::new(config);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (kind, rest) = transport.split_once(':').unwrap_or((transport, ""));
+    let serve = async {
+        match kind {
+            "shm" => {
+                if rest.is_empty() {
+                    bail!("--transport shm:ROOT needs the root directory, e.g. shm:/run/hvisd-sim");
+                }
+                let root = hvisd::transport::shm::ShmRoot::new(rest);
+                hvisd::runtime::run_shm(root, services, stop_rx).await?;
+                Ok(())
+            }
+            "uio" => {
+                let mut parts = rest.splitn(2, ':');
+                let devices = parts
+                    .next()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or(hvisd::transport::uio::DEFAULT_SYSFS_DEVICES);
+                let dev_dir = parts.next().unwrap_or(hvisd::transport::uio::DEFAULT_DEV_DIR);
+                hvisd::runtime::run_uio(devices.as_ref(), dev_dir.as_ref(), services, stop_rx).await?;
+                Ok(())
+            }
+            other => bail!("unknown transport {other:?}: use shm:ROOT or uio[:SYSFS_DEVICES_DIR[:DEV_DIR]]"),
+        }
+    };
+    tokio::pin!(serve);
+    tokio::select! {
+        r = &mut serve => r,
+        r = stop_signal() => {
+            r?;
+            tracing::info!("stopping");
+            let _ = stop_tx.send(true);
+            serve.await
+        }
+    }
+}
+
+async fn host_script(root: PathBuf, file: PathBuf) -> Result<()> {
+    let script = hvisd::sim::Script::load(&file)?;
+    std::fs::create_dir_all(&root).with_context(|| format!("creating shm root {}", root.display()))?;
+    let mut host = hvisd::sim::HostSimulator::new(&root);
+    let transcript = host.run(&script).await;
+    println!("{}", serde_json::to_string_pretty(&transcript)?);
+    if !transcript.ok() {
+        bail!("{} of {} host actions failed", transcript.failures(), transcript.len());
+    }
+    Ok(())
+}
+
+async fn sim(script: Option<PathBuf>, root: Option<PathBuf>, config: Config) -> Result<()> {
+    let script = match script {
+        Some(path) => hvisd::sim::Script::load(&path)?,
+        None => hvisd::sim::Script::tour(),
+    };
+    let transcript = hvisd::sim::run_embedded(&script, root.as_deref(), config).await?;
+    println!("{}", serde_json::to_string_pretty(&transcript)?);
+    if !transcript.ok() {
+        bail!("{} of {} host actions failed", transcript.failures(), transcript.len());
+    }
+    Ok(())
+}
+
+fn bench_ring(json: bool, repeats: u32, ring_size: usize) -> Result<()> {
+    if repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let opts = hvisd_ring::bench::RingBenchOptions {
+        repeats,
+        ring_size,
+        ..Default::default()
+    };
+    let report = hvisd_ring::bench::run_ring_bench(&opts)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print_human();
+    }
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! Which service answers which offer, and the loop that drives an IC service over any channel.
+
+use crate::channel::{Channel, ChannelError, OwnedPacket};
+use crate::config::Config;
+use hvisd_ic::service::IcService;
+use hvisd_ic::IcGuest;
+use hvisd_protocol::guid::Guid;
+use hvisd_ring::{PACKET_TYPE_DATA_INBAND, PacketHeader};
+use tokio::task::JoinHandle;
+
+/// The services hvisd runs on VMBus channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServiceKind {
+    /// Heartbeat: proves the guest is alive.
+    Heartbeat,
+    /// Shutdown: the host asks the guest to shut down or restart.
+    Shutdown,
+    /// Time synchronisation samples from the host.
+    TimeSync,
+    /// Key/value exchange.
+    Kvp,
+}
+
+impl ServiceKind {
+    /// Every kind, in the order the simulator offers them.
+    pub const ALL: [ServiceKind; 4] = [Self::Heartbeat, Self::Shutdown, Self::TimeSync, Self::Kvp];
+
+    /// The name used in logs, config and simulator scripts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Heartbeat => "heartbeat",
+            Self::Shutdown => "shutdown",
+            Self::TimeSync => "timesync",
+            Self::Kvp => "kvp",
+        }
+    }
+
+    /// The VMBus interface type the host offers for this service.
+    pub fn class_id(self) -> Guid {
+        use hvisd_protocol::guid::class_id;
+        match self {
+            Self::Heartbeat => class_id::HEARTBEAT,
+            Self::Shutdown => class_id::SHUTDOWN,
+            Self::TimeSync => class_id::TIMESYNC,
+            Self::Kvp => class_id::KVP,
+        }
+    }
+
+    /// The IC message type the service's messages carry.
+    pub fn message_type(self) -> hvisd_protocol::ic::MessageType {
+        use hvisd_protocol::ic::MessageType;
+        match self {
+            Self::Heartbeat => MessageType::HEARTBEAT,
+            Self::Shutdown => MessageType::SHUTDOWN,
+            Self::TimeSync => MessageType::TIMESYNC,
+            Self::Kvp => MessageType::KVP_EXCHANGE,
+        }
+    }
+
+    /// The kind with this name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+/// The services this runtime has enabled, with their configuration. Cheap to clone into tasks.
+#[derive(Debug, Clone)]
+pub struct Services {
+    config: std::sync::Arc<Config>,
+}
+
+impl Services {
+    /// Services as the config enables them.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config: std::sync::Arc::new(config),
+        }
+    }
+
+    /// The service that answers `class_id`, if it is enabled.
+    pub fn kind_for(&self, class_id: &Guid) -> Option<ServiceKind> {
+        ServiceKind::ALL
+            .into_iter()
+            .find(|k| k.class_id() == *class_id && self.config.service_enabled(*k))
+    }
+
+    /// Starts serving `channel` with the service `kind`.
+    pub fn spawn(&self, kind: ServiceKind, channel: Channel) -> JoinHandle<Result<(), ChannelError>> {
+        let services = self.clone();
+        tokio::spawn(async move { services.serve(kind, channel).await })
+    }
+
+    /// Serves `channel` with the service `kind` until the channel ends.
+    pub async fn serve(&self, kind: ServiceKind, channel: Channel) -> Result<(), ChannelError> {
+        match kind {
+            ServiceKind::Heartbeat => serve_ic(channel, hvisd_ic::heartbeat::HeartbeatService::new()).await,
+            ServiceKind::Shutdown => {
+                serve_ic(channel, hvisd_ic::shutdown::ShutdownService::new(self.config.shutdown_action())).await
+            }
+            ServiceKind::TimeSync => serve_ic(channel, hvisd_ic::timesync::TimesyncService::new()).await,
+            ServiceKind::Kvp => Err(ChannelError::Closed {
+                channel: channel.label().to_owned(),
+            }),
+        }
+    }
+}
+
+/// How many packets one receive takes from the ring before they are answered.
+const IC_BATCH: usize = 16;
+
+/// Drives one IC service: every in-band packet goes through the IC framework (negotiation, headers)
+/// and its reply goes back with the request's transaction id, as Linux's `hv_util.c` does.
+pub async fn serve_ic<S: IcService>(mut channel: Channel, service: S) -> Result<(), ChannelError> {
+    let mut guest = IcGuest::new(service);
+    let mut packets: Vec<OwnedPacket> = Vec::with_capacity(IC_BATCH);
+    loop {
+        channel.recv_batch(&mut packets, IC_BATCH).await?;
+        for packet in packets.drain(..) {
+            if packet.packet_type != PACKET_TYPE_DATA_INBAND {
+                tracing::warn!(
+                    channel = %channel.label(),
+                    packet_type = packet.packet_type,
+                    "ignoring a non-inband packet on an IC channel"
+                );
+                continue;
+            }
+            match guest.on_packet(&packet.payload).await {
+                Ok(Some(reply)) => {
+                    channel
+                        .send(PacketHeader::inband(packet.transaction_id), &[&reply])
+                        .await?
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(channel = %channel.label(), "IC message refused: {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,604 @@
+//! The host simulator: plays Hyper-V on an shm root.
+//!
+//! It offers channels exactly as the spec says, negotiates IC versions as the Hyper-V host does (the
+//! host speaks first), runs a script of host actions, and records a transcript: one JSON object per
+//! action with what was sent, what came back, statuses and timings.
+
+mod script;
+
+pub use script::{Action, Script, ScriptError};
+
+use crate::channel::{Channel, ChannelError, OwnedPacket};
+use crate::config::Config;
+use crate::offer::{Offer, PipeMode};
+use crate::services::{ServiceKind, Services};
+use crate::transport::shm::ShmRoot;
+use crate::transport::shm_host;
+use hvisd_ic::host::{self as ic_host, IcHost};
+use hvisd_ic::NegotiateOutcome;
+use hvisd_protocol::ic::{heartbeat, shutdown, timesync};
+use hvisd_protocol::guid::Guid;
+use hvisd_protocol::ic::IcVersion;
+use hvisd_ring::{MappedRing, PACKET_TYPE_DATA_INBAND, PacketHeader, RingMem, SharedMapping};
+use std::sync::atomic::Ordering;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The transcript of one script run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(transparent)]
+pub struct Transcript {
+    entries: Vec<Value>,
+}
+
+impl Transcript {
+    /// Whether every action succeeded.
+    pub fn ok(&self) -> bool {
+        self.failures() == 0
+    }
+
+    /// How many actions failed.
+    pub fn failures(&self) -> usize {
+        self.entries.iter().filter(|e| e["ok"] != json!(true)).count()
+    }
+
+    /// How many actions ran.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no action ran.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entries, one per action.
+    pub fn entries(&self) -> &[Value] {
+        &self.entries
+    }
+}
+
+/// Why one host action failed; becomes the entry's `error`.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The action names a channel the script never offered.
+    #[error("no channel named {0:?} (offer it first)")]
+    NoChannel(String),
+    /// The action's arguments are wrong.
+    #[error("{0}")]
+    BadArgument(String),
+    /// The guest did not answer in time.
+    #[error("the guest did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The guest's answer broke the protocol.
+    #[error("bad reply from the guest: {0}")]
+    BadReply(String),
+    /// The channel failed.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// Creating or removing an offer failed.
+    #[error(transparent)]
+    Shm(#[from] crate::transport::shm::ShmError),
+}
+
+struct HostChannel {
+    service: ServiceKind,
+    channel: Channel,
+    dir: PathBuf,
+    ring_size: u32,
+    /// The IC state: offered and negotiated versions, IC transaction ids.
+    ic: IcHost,
+    /// VMBus transaction ids the host puts in descriptors.
+    next_request_id: u64,
+}
+
+/// A simulated Hyper-V host on one shm root.
+pub struct HostSimulator {
+    root: PathBuf,
+    channels: HashMap<String, HostChannel>,
+}
+
+impl HostSimulator {
+    /// A host that creates its offers under `root`.
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+            channels: HashMap::new(),
+        }
+    }
+
+    /// Runs every action of `script` in order and returns the transcript. A failed action is
+    /// recorded and the script goes on, so one transcript shows every problem.
+    pub async fn run(&mut self, script: &Script) -> Transcript {
+        let mut transcript = Transcript::default();
+        let timeout = Duration::from_millis(script.timeout_ms);
+        for (i, action) in script.actions.iter().enumerate() {
+            let started = Instant::now();
+            let mut entry = serde_json::Map::new();
+            entry.insert("step".into(), json!(i + 1));
+            entry.insert("action".into(), json!(action.kind()));
+            let result = self.act(action, script, timeout, &mut entry).await;
+            entry.insert("elapsed_us".into(), json!(started.elapsed().as_micros() as u64));
+            match result {
+                Ok(()) => {
+                    entry.insert("ok".into(), json!(true));
+                }
+                Err(e) => {
+                    entry.insert("ok".into(), json!(false));
+                    entry.insert("error".into(), json!(e.to_string()));
+                }
+            }
+            transcript.entries.push(Value::Object(entry));
+        }
+        transcript
+    }
+
+    async fn act(
+        &mut self,
+        action: &Action,
+        script: &Script,
+        timeout: Duration,
+        entry: &mut serde_json::Map<String, Value>,
+    ) -> Result<(), SimError> {
+        match action {
+            Action::Offer {
+                service,
+                name,
+                instance_id,
+                ring_size,
+                framework_versions,
+                message_versions,
+                negotiate,
+            } => {
+                let kind = ServiceKind::from_name(service).ok_or_else(|| {
+                    SimError::BadArgument(format!(
+                        "unknown service {service:?}; known: heartbeat, shutdown, timesync, kvp"
+                    ))
+                })?;
+                let name = name.clone().unwrap_or_else(|| service.clone());
+                if self.channels.contains_key(&name) {
+                    return Err(SimError::BadArgument(format!(
+                        "a channel named {name:?} is already offered; rescind it or pick another name"
+                    )));
+                }
+                let instance_id = match instance_id {
+                    Some(text) => text
+                        .parse()
+                        .map_err(|_| SimError::BadArgument(format!("instance_id {text:?} is not a GUID")))?,
+                    None => random_guid(),
+                };
+                let offer = Offer {
+                    class_id: kind.class_id(),
+                    instance_id,
+                    ring_size: ring_size.unwrap_or(script.ring_size),
+                    pipe: PipeMode::Message,
+                    conn_from_host: None,
+                };
+                entry.insert("name".into(), json!(name));
+                entry.insert("service".into(), json!(kind.name()));
+                entry.insert("instance_id".into(), json!(instance_id.to_string()));
+                // A crashed host may have left this instance's directory behind; the host owns ROOT.
+                let dir = self.root.join(instance_id.to_string());
+                if dir.exists() {
+                    shm_host::rescind(&dir)?;
+                }
+                let published = shm_host::publish_offer(&self.root, &offer)?;
+                let started = Instant::now();
+                let label = format!("host {} {}", kind.name(), instance_id);
+                let channel = published.accept(timeout, &label).await?;
+                entry.insert("connect_us".into(), json!(started.elapsed().as_micros() as u64));
+                self.channels.insert(
+                    name.clone(),
+                    HostChannel {
+                        service: kind,
+                        channel,
+                        dir,
+                        ring_size: offer.ring_size,
+                        ic: IcHost::new(kind.message_type(), ic_host::offers::FRAMEWORK, &[]),
+                        next_request_id: 1,
+                    },
+                );
+                if *negotiate {
+                    self.negotiate(&name, framework_versions, message_versions, timeout, entry)
+                        .await?;
+                }
+                Ok(())
+            }
+            Action::Negotiate {
+                name,
+                framework_versions,
+                message_versions,
+            } => {
+                self.negotiate(name, framework_versions, message_versions, timeout, entry)
+                    .await
+            }
+            Action::Heartbeat { name, count, sequence } => {
+                let mut rounds = Vec::new();
+                for n in 0..u64::from(*count) {
+                    let seq = sequence.wrapping_add(n);
+                    let started = Instant::now();
+                    let mut body = vec![0u8; size_of::<heartbeat::HeartbeatMsg>()];
+                    heartbeat::write_seq_num(&mut body, seq).map_err(|e| SimError::BadArgument(e.to_string()))?;
+                    let reply = self.request(name, &body, timeout).await?;
+                    let answered =
+                        heartbeat::read_seq_num(&reply.body).map_err(|e| SimError::BadReply(e.to_string()))?;
+                    rounds.push(json!({
+                        "sent": seq,
+                        "received": answered,
+                        "status": status_json(reply.status),
+                        "rtt_us": started.elapsed().as_micros() as u64,
+                    }));
+                    if answered != seq.wrapping_add(1) || reply.status != 0 {
+                        entry.insert("rounds".into(), json!(rounds));
+                        return Err(SimError::BadReply(format!(
+                            "heartbeat {seq} answered with {answered}, status {}",
+                            status_json(reply.status)
+                        )));
+                    }
+                }
+                entry.insert("name".into(), json!(name));
+                entry.insert("rounds".into(), json!(rounds));
+                Ok(())
+            }
+            Action::Shutdown {
+                name,
+                flags,
+                reason_code,
+                message,
+            } => {
+                let kind_flags = shutdown::ShutdownFlags(*flags);
+                let body = shutdown::ShutdownRequest {
+                    reason_code: *reason_code,
+                    timeout_seconds: 0,
+                    flags: *flags,
+                    kind: kind_flags.kind(),
+                    force: kind_flags.force(),
+                    message: message.clone(),
+                }
+                .build();
+                entry.insert("name".into(), json!(name));
+                entry.insert("sent".into(), json!({"flags": flags, "reason_code": reason_code, "message": message}));
+                let reply = self.request(name, &body, timeout).await?;
+                entry.insert("status".into(), status_json(reply.status));
+                Ok(())
+            }
+            Action::Timesync { name, flags } => {
+                let version = self
+                    .channel(name)?
+                    .ic
+                    .negotiated()
+                    .map(|n| n.message)
+                    .ok_or_else(|| SimError::BadArgument(format!("channel {name:?} has no negotiated versions")))?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as i128)
+                    .unwrap_or(0);
+                let sample = timesync::TimeSample {
+                    parent_time: timesync::unix_nanos_to_parent_time(now),
+                    reference_time: Some(0),
+                    flags: timesync::TimesyncFlags(*flags),
+                    leap_flags: Some(0),
+                    stratum: Some(2),
+                };
+                let body = sample.build(version);
+                entry.insert("name".into(), json!(name));
+                entry.insert("sent".into(), json!({"flags": flags, "parent_time": sample.parent_time}));
+                let reply = self.request(name, &body, timeout).await?;
+                entry.insert("status".into(), status_json(reply.status));
+                Ok(())
+            }
+            Action::Raw {
+                name,
+                hex,
+                expect_reply,
+            } => {
+                let bytes = decode_hex(hex).ok_or_else(|| SimError::BadArgument(format!("hex {hex:?} is not even-length hex")))?;
+                entry.insert("name".into(), json!(name));
+                entry.insert("sent_len".into(), json!(bytes.len()));
+                let ch = self.channel(name)?;
+                let id = ch.next_request_id;
+                ch.next_request_id += 1;
+                ch.channel.send(PacketHeader::inband(id), &[&bytes]).await?;
+                if *expect_reply {
+                    let packet = recv_one(&mut ch.channel, timeout).await?;
+                    entry.insert("received_hex".into(), json!(encode_hex(&packet.payload)));
+                }
+                Ok(())
+            }
+            Action::CorruptRing { name, field, value } => {
+                let ch = self.channel(name)?;
+                let (guest_to_host, host_to_guest) = raw_rings(ch)?;
+                match field.as_str() {
+                    // The guest reads the host-to-guest write_index and the guest-to-host read_index.
+                    "write_index" => host_to_guest.control()[0].store(*value, Ordering::SeqCst),
+                    "read_index" => guest_to_host.control()[1].store(*value, Ordering::SeqCst),
+                    "packet" => {
+                        // A published descriptor whose len8 is `value` (e.g. more than the ring holds).
+                        let write = host_to_guest.control()[0].load(Ordering::SeqCst) as usize;
+                        if write + 24 > host_to_guest.data_len() {
+                            return Err(SimError::BadArgument(
+                                "no room to place the corrupt packet without wrapping".into(),
+                            ));
+                        }
+                        let desc = descriptor(2, u16::try_from(*value).unwrap_or(u16::MAX));
+                        host_to_guest.write_at(write, &desc);
+                        host_to_guest.write_at(write + 16, &[0u8; 8]);
+                        host_to_guest.control()[0].store((write + 24) as u32, Ordering::SeqCst);
+                    }
+                    other => {
+                        return Err(SimError::BadArgument(format!(
+                            "field {other:?}: use write_index, read_index or packet"
+                        )));
+                    }
+                }
+                ch.channel.notify_peer()?;
+                entry.insert("name".into(), json!(name));
+                entry.insert("field".into(), json!(field));
+                entry.insert("value".into(), json!(value));
+                Ok(())
+            }
+            Action::PartialPacket { name } => {
+                let ch = self.channel(name)?;
+                let (_, host_to_guest) = raw_rings(ch)?;
+                let write = host_to_guest.control()[0].load(Ordering::SeqCst) as usize;
+                // Descriptor of a 48-byte heartbeat-sized packet, then only half its payload; the
+                // index is not published, so a correct guest never sees any of it.
+                let desc = descriptor(2, 8);
+                let end = (write + 16).min(host_to_guest.data_len());
+                host_to_guest.write_at(write, &desc[..end - write]);
+                entry.insert("name".into(), json!(name));
+                entry.insert("at".into(), json!(write));
+                Ok(())
+            }
+            Action::ExpectClosed { name } => {
+                let ch = self.channel(name)?;
+                let mut packets = Vec::new();
+                let outcome = tokio::time::timeout(timeout, async {
+                    loop {
+                        packets.clear();
+                        if let Err(e) = ch.channel.recv_batch(&mut packets, 16).await {
+                            return e;
+                        }
+                    }
+                })
+                .await;
+                entry.insert("name".into(), json!(name));
+                match outcome {
+                    Ok(ChannelError::Closed { .. }) => {
+                        if let Some(ch) = self.channels.remove(name) {
+                            let _ = shm_host::rescind(&ch.dir);
+                        }
+                        entry.insert("closed_by_guest".into(), json!(true));
+                        Ok(())
+                    }
+                    Ok(e) => Err(e.into()),
+                    Err(_) => Err(SimError::Timeout(timeout)),
+                }
+            }
+            Action::Rescind { name } => {
+                let ch = self
+                    .channels
+                    .remove(name)
+                    .ok_or_else(|| SimError::NoChannel(name.clone()))?;
+                shm_host::rescind(&ch.dir)?;
+                entry.insert("name".into(), json!(name));
+                Ok(())
+            }
+            Action::Sleep { ms } => {
+                tokio::time::sleep(Duration::from_millis(*ms)).await;
+                Ok(())
+            }
+            Action::Crash => {
+                // A host that dies leaves its files and sockets behind; the guest must cope.
+                std::process::exit(101);
+            }
+        }
+    }
+
+    fn channel(&mut self, name: &str) -> Result<&mut HostChannel, SimError> {
+        self.channels
+            .get_mut(name)
+            .ok_or_else(|| SimError::NoChannel(name.to_owned()))
+    }
+
+    async fn negotiate(
+        &mut self,
+        name: &str,
+        framework_versions: &Option<Vec<String>>,
+        message_versions: &Option<Vec<String>>,
+        timeout: Duration,
+        entry: &mut serde_json::Map<String, Value>,
+    ) -> Result<(), SimError> {
+        let ch = self.channel(name)?;
+        let message_type = ch.service.message_type();
+        let default_msg = ic_host::offers::for_message_type(message_type)
+            .ok_or_else(|| SimError::BadArgument(format!("no IC versions known for {}", ch.service.name())))?;
+        let fw = parse_versions(framework_versions.as_deref(), ic_host::offers::FRAMEWORK)?;
+        let msg = parse_versions(message_versions.as_deref(), default_msg)?;
+        ch.ic = IcHost::new(message_type, &fw, &msg);
+        let request = ch.ic.negotiate_request().map_err(|e| SimError::BadArgument(e.to_string()))?;
+        let id = ch.next_request_id;
+        ch.next_request_id += 1;
+        let started = Instant::now();
+        ch.channel.send(PacketHeader::inband(id), &[&request]).await?;
+        let packet = recv_one(&mut ch.channel, timeout).await?;
+        check_echo(&packet, id)?;
+        let outcome = ch
+            .ic
+            .on_negotiate_response(&packet.payload)
+            .map_err(|e| SimError::BadReply(e.to_string()))?;
+        entry.insert("name".into(), json!(name));
+        entry.insert(
+            "offered".into(),
+            json!({
+                "framework": fw.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+                "message": msg.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+            }),
+        );
+        entry.insert("negotiate_rtt_us".into(), json!(started.elapsed().as_micros() as u64));
+        match outcome {
+            NegotiateOutcome::Negotiated(n) => {
+                entry.insert(
+                    "negotiated".into(),
+                    json!({"framework": n.framework.to_string(), "message": n.message.to_string()}),
+                );
+            }
+            NegotiateOutcome::NoCommonVersion => {
+                entry.insert("negotiated".into(), Value::Null);
+                entry.insert("no_common_version".into(), json!(true));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one service message on a negotiated channel and returns the checked reply.
+    async fn request(&mut self, name: &str, body: &[u8], timeout: Duration) -> Result<OwnedReply, SimError> {
+        let ch = self.channel(name)?;
+        if ch.ic.negotiated().is_none() {
+            return Err(SimError::BadArgument(format!("channel {name:?} has no negotiated versions")));
+        }
+        let request = ch.ic.request(body).map_err(|e| SimError::BadArgument(e.to_string()))?;
+        let id = ch.next_request_id;
+        ch.next_request_id += 1;
+        ch.channel.send(PacketHeader::inband(id), &[&request]).await?;
+        let packet = recv_one(&mut ch.channel, timeout).await?;
+        check_echo(&packet, id)?;
+        let reply = ch.ic.on_reply(&packet.payload).map_err(|e| SimError::BadReply(e.to_string()))?;
+        Ok(OwnedReply {
+            status: reply.status,
+            body: reply.body.to_vec(),
+        })
+    }
+}
+
+/// A guest reply copied out of its packet.
+struct OwnedReply {
+    status: u32,
+    body: Vec<u8>,
+}
+
+/// The ring file mapped a second time, as a host poking at it directly sees it.
+fn raw_rings(ch: &HostChannel) -> Result<(MappedRing, MappedRing), SimError> {
+    let ring_size = ch.ring_size as usize;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(ch.dir.join("ring"))
+        .map_err(|e| SimError::BadArgument(format!("opening ring file: {e}")))?;
+    let map = SharedMapping::map_file(&file, 2 * ring_size)
+        .map_err(|e| SimError::BadArgument(format!("mapping ring file: {e}")))?;
+    hvisd_ring::ring_pair(map, ring_size).map_err(|e| SimError::BadArgument(e.to_string()))
+}
+
+/// An in-band descriptor with the given offset8 and len8.
+fn descriptor(offset8: u16, len8: u16) -> [u8; 16] {
+    let mut desc = [0u8; 16];
+    desc[0..2].copy_from_slice(&PACKET_TYPE_DATA_INBAND.to_le_bytes());
+    desc[2..4].copy_from_slice(&offset8.to_le_bytes());
+    desc[4..6].copy_from_slice(&len8.to_le_bytes());
+    desc
+}
+
+async fn recv_one(channel: &mut Channel, timeout: Duration) -> Result<OwnedPacket, SimError> {
+    let mut packets = Vec::with_capacity(1);
+    match tokio::time::timeout(timeout, channel.recv_batch(&mut packets, 1)).await {
+        Ok(Ok(())) => packets.pop().ok_or(SimError::Timeout(timeout)),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(SimError::Timeout(timeout)),
+    }
+}
+
+fn check_echo(packet: &OwnedPacket, id: u64) -> Result<(), SimError> {
+    if packet.packet_type != PACKET_TYPE_DATA_INBAND {
+        return Err(SimError::BadReply(format!("packet type {} instead of in-band", packet.packet_type)));
+    }
+    if packet.transaction_id != id {
+        return Err(SimError::BadReply(format!(
+            "transaction id {} does not echo the request's {id}",
+            packet.transaction_id
+        )));
+    }
+    Ok(())
+}
+
+fn status_json(status: u32) -> Value {
+    match hvisd_protocol::ic::status::name(status) {
+        Some(name) => json!(name),
+        None => json!(format!("{status:#010x}")),
+    }
+}
+
+fn parse_versions(given: Option<&[String]>, default: &[IcVersion]) -> Result<Vec<IcVersion>, SimError> {
+    let Some(given) = given else {
+        return Ok(default.to_vec());
+    };
+    given
+        .iter()
+        .map(|text| {
+            let (major, minor) = text.split_once('.').unwrap_or((text.as_str(), "0"));
+            match (major.parse(), minor.parse()) {
+                (Ok(major), Ok(minor)) => Ok(IcVersion::new(major, minor)),
+                _ => Err(SimError::BadArgument(format!("version {text:?} is not MAJOR.MINOR"))),
+            }
+        })
+        .collect()
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    let text: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A random (version 4) GUID for instance ids.
+pub fn random_guid() -> Guid {
+    let mut bytes = [0u8; 16];
+    // getrandom(2) through rustix; without it, fall back to time and pid, which is unique enough for
+    // instance ids on one root.
+    if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).map(|n| n == 16) != Ok(true) {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes = (nanos ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
+    }
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    Guid::from_bytes(bytes)
+}
+
+/// Runs `script` against an in-process guest runtime on a fresh shm root (a temporary directory, or
+/// `root` if given). The runtime's shutdown action is forced to "log only": the simulator never
+/// powers anything off.
+pub async fn run_embedded(script: &Script, root: Option<&Path>, mut config: Config) -> anyhow::Result<Transcript> {
+    let tmp;
+    let root = match root {
+        Some(root) => {
+            std::fs::create_dir_all(root)?;
+            root.to_owned()
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_owned()
+        }
+    };
+    config.shutdown = Default::default();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let runtime = tokio::spawn(crate::runtime::run_shm(ShmRoot::new(&root), Services::new(config), stop_rx));
+    let mut host = HostSimulator::new(&root);
+    let transcript = host.run(script).await;
+    let _ = stop_tx.send(true);
+    runtime.await??;
+    Ok(transcript)
+}

@@ -1,0 +1,312 @@
+//! The host simulator's script: a JSON list of host actions.
+//!
+//! A script is either a bare array of actions or an object `{"ring_size": .., "timeout_ms": ..,
+//! "actions": [..]}`. Each action is an object whose `action` key names it; unknown actions and
+//! unknown fields are errors that name the action, so a typo never silently does nothing. Later
+//! services add variants here.
+
+use serde::Deserialize;
+use std::path::Path;
+
+/// A whole script.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Script {
+    /// Default `ring_size` for offers (bytes of one direction, control page included).
+    #[serde(default = "default_ring_size")]
+    pub ring_size: u32,
+    /// How long to wait for the guest to connect or to answer, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The actions, run in order.
+    pub actions: Vec<Action>,
+}
+
+fn default_ring_size() -> u32 {
+    // Linux's util drivers use three data pages per direction plus the control page.
+    4 * 4096
+}
+
+fn default_timeout_ms() -> u64 {
+    5000
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ScriptFile {
+    Actions(Vec<Action>),
+    Full(Script),
+}
+
+/// One host action.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// Offer a channel, wait for the guest to open it, then negotiate (unless `negotiate` is false).
+    Offer {
+        /// `heartbeat`, `shutdown`, `timesync`, `kvp`.
+        service: String,
+        /// What later actions call this channel; defaults to the service name.
+        #[serde(default)]
+        name: Option<String>,
+        /// The instance id; random when absent.
+        #[serde(default)]
+        instance_id: Option<String>,
+        /// Overrides the script's ring size.
+        #[serde(default)]
+        ring_size: Option<u32>,
+        /// Framework versions the host offers (`"3.0"`); defaults to what Hyper-V offers.
+        #[serde(default)]
+        framework_versions: Option<Vec<String>>,
+        /// Message versions the host offers; defaults to what Hyper-V offers for the service.
+        #[serde(default)]
+        message_versions: Option<Vec<String>>,
+        /// Negotiate right after the guest connects (default true).
+        #[serde(default = "yes")]
+        negotiate: bool,
+    },
+    /// (Re)negotiate versions on an open channel.
+    Negotiate {
+        /// The channel.
+        name: String,
+        /// Framework versions offered.
+        #[serde(default)]
+        framework_versions: Option<Vec<String>>,
+        /// Message versions offered.
+        #[serde(default)]
+        message_versions: Option<Vec<String>>,
+    },
+    /// Send heartbeats and check each answer is the sequence number plus one.
+    Heartbeat {
+        /// The channel (default `heartbeat`).
+        #[serde(default = "heartbeat_name")]
+        name: String,
+        /// How many heartbeats.
+        #[serde(default = "one")]
+        count: u32,
+        /// The first sequence number.
+        #[serde(default)]
+        sequence: u64,
+    },
+    /// Ask the guest to shut down. The simulator's runtime never powers off.
+    Shutdown {
+        /// The channel (default `shutdown`).
+        #[serde(default = "shutdown_name")]
+        name: String,
+        /// `shutdown_msg_data.flags` (bit 0 force, bit 1 restart... as the host sends them).
+        #[serde(default)]
+        flags: u32,
+        /// `reason_code`.
+        #[serde(default)]
+        reason_code: u32,
+        /// The display message.
+        #[serde(default)]
+        message: String,
+    },
+    /// Send one time sample.
+    Timesync {
+        /// The channel (default `timesync`).
+        #[serde(default = "timesync_name")]
+        name: String,
+        /// `ICTIMESYNCFLAG_*`: 1 = sync, 2 = sample (default).
+        #[serde(default = "two")]
+        flags: u8,
+    },
+    /// Send raw bytes as one in-band packet (hostile tests).
+    Raw {
+        /// The channel.
+        name: String,
+        /// The payload in hex.
+        hex: String,
+        /// Wait for a reply (default false: the guest may rightly stay silent).
+        #[serde(default)]
+        expect_reply: bool,
+    },
+    /// Write a value into a control-page field of the host-to-guest ring and interrupt the guest,
+    /// as a broken or hostile host would.
+    CorruptRing {
+        /// The channel.
+        name: String,
+        /// `write_index`, `read_index` (of the guest-to-host ring), or `packet` (a garbage descriptor).
+        field: String,
+        /// The value written.
+        value: u32,
+    },
+    /// Write the first half of a heartbeat packet into the host-to-guest ring without publishing it,
+    /// as a host that dies mid-write leaves the ring (follow with `crash`).
+    PartialPacket {
+        /// The channel.
+        name: String,
+    },
+    /// Wait until the guest closes the channel (after a corrupt ring, say).
+    ExpectClosed {
+        /// The channel.
+        name: String,
+    },
+    /// Remove the offer: the guest must close the channel.
+    Rescind {
+        /// The channel.
+        name: String,
+    },
+    /// Wait.
+    Sleep {
+        /// Milliseconds.
+        ms: u64,
+    },
+    /// Leave the process at once, as a crashing host would: nothing is cleaned up.
+    Crash,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> u32 {
+    1
+}
+fn two() -> u8 {
+    2
+}
+fn heartbeat_name() -> String {
+    "heartbeat".into()
+}
+fn shutdown_name() -> String {
+    "shutdown".into()
+}
+fn timesync_name() -> String {
+    "timesync".into()
+}
+
+impl Action {
+    /// The action's name as written in scripts.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Offer { .. } => "offer",
+            Action::Negotiate { .. } => "negotiate",
+            Action::Heartbeat { .. } => "heartbeat",
+            Action::Shutdown { .. } => "shutdown",
+            Action::Timesync { .. } => "timesync",
+            Action::Raw { .. } => "raw",
+            Action::CorruptRing { .. } => "corrupt_ring",
+            Action::PartialPacket { .. } => "partial_packet",
+            Action::ExpectClosed { .. } => "expect_closed",
+            Action::Rescind { .. } => "rescind",
+            Action::Sleep { .. } => "sleep",
+            Action::Crash => "crash",
+        }
+    }
+}
+
+/// Why a script was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptError {
+    /// The file could not be read.
+    #[error("reading script {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The JSON is not a script.
+    #[error("script {path}: {why}")]
+    Parse {
+        /// The path.
+        path: String,
+        /// What serde said, with the action that failed.
+        why: String,
+    },
+}
+
+impl Script {
+    /// Reads a script file.
+    pub fn load(path: &Path) -> Result<Self, ScriptError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ScriptError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text, &shown)
+    }
+
+    /// Parses script text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ScriptError> {
+        // Parse as a value first so that an error in one action is reported with its index, rather
+        // than serde's "did not match any variant of untagged enum".
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ScriptError::Parse {
+            path: origin.to_owned(),
+            why: e.to_string(),
+        })?;
+        let actions = match &value {
+            serde_json::Value::Array(items) => items.as_slice(),
+            serde_json::Value::Object(map) => match map.get("actions") {
+                Some(serde_json::Value::Array(items)) => items.as_slice(),
+                _ => {
+                    return Err(ScriptError::Parse {
+                        path: origin.to_owned(),
+                        why: "a script is an array of actions or an object with an \"actions\" array".into(),
+                    });
+                }
+            },
+            _ => {
+                return Err(ScriptError::Parse {
+                    path: origin.to_owned(),
+                    why: "a script is an array of actions or an object with an \"actions\" array".into(),
+                });
+            }
+        };
+        for (i, item) in actions.iter().enumerate() {
+            if let Err(e) = Action::deserialize(item) {
+                return Err(ScriptError::Parse {
+                    path: origin.to_owned(),
+                    why: format!("action {} ({}): {e}", i + 1, item.get("action").unwrap_or(&serde_json::Value::Null)),
+                });
+            }
+        }
+        let file: ScriptFile = serde_json::from_value(value).map_err(|e| ScriptError::Parse {
+            path: origin.to_owned(),
+            why: e.to_string(),
+        })?;
+        Ok(match file {
+            ScriptFile::Actions(actions) => Script {
+                ring_size: default_ring_size(),
+                timeout_ms: default_timeout_ms(),
+                actions,
+            },
+            ScriptFile::Full(script) => script,
+        })
+    }
+
+    /// The tour `hvisd sim` plays without a script: every IC offered and negotiated, heartbeats, a
+    /// time sample, a shutdown request (logged, never acted on), a version mismatch, and a rescind
+    /// followed by a new offer.
+    pub fn tour() -> Self {
+        let text = include_str!("tour.json");
+        // The tour is part of the binary and covered by a test; failing here is a build defect.
+        Self::parse(text, "built-in tour").expect("built-in tour script parses")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builtin_tour_parses() {
+        assert!(!Script::tour().actions.is_empty());
+    }
+
+    #[test]
+    fn a_bare_array_is_a_script_with_defaults() {
+        let s = Script::parse(r#"[{"action":"sleep","ms":5}]"#, "t").unwrap();
+        assert_eq!(s.ring_size, 16384);
+        assert!(matches!(s.actions[0], Action::Sleep { ms: 5 }));
+    }
+
+    #[test]
+    fn typos_are_reported_with_the_action_index() {
+        let err = Script::parse(r#"[{"action":"sleep","ms":5},{"action":"heartbeet"}]"#, "t").unwrap_err();
+        assert!(err.to_string().contains("action 2"), "{err}");
+        let err = Script::parse(r#"[{"action":"sleep","msec":5}]"#, "t").unwrap_err();
+        assert!(err.to_string().contains("msec"), "{err}");
+    }
+}

@@ -1,0 +1,264 @@
+//! The uio transport: VMBus channels owned in user space through `uio_hv_generic`.
+//!
+//! An operator binds a device to `uio_hv_generic` (see README); the kernel then exposes, under
+//! `/sys/bus/vmbus/devices/<instance-id>/`: `class_id` (`{guid}`), `channels/<relid>/` (one per
+//! channel, with a `ring` attribute), and `uio/uioN/` whose `maps/map0` is both rings, guest-to-host
+//! first (the same order as the shm `ring` file). `/dev/uioN` is mapped at offset 0 for map 0; a 4-byte
+//! read blocks until the host interrupts, and a 4-byte write signals the host (and re-enables the
+//! channel's interrupt), as `tools/hv/hv_fcopy_uio_daemon` does.
+
+use crate::channel::{Channel, RingPair, Role};
+use crate::doorbell::{Doorbell, DoorbellKind};
+use crate::offer::{MAX_RING_SIZE, MIN_RING_SIZE};
+use hvisd_protocol::guid::Guid;
+use hvisd_ring::{RingError, SharedMapping};
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Where the kernel lists VMBus devices.
+pub const DEFAULT_SYSFS_DEVICES: &str = "/sys/bus/vmbus/devices";
+/// Where uio device nodes live.
+pub const DEFAULT_DEV_DIR: &str = "/dev";
+
+/// A VMBus device bound to `uio_hv_generic`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UioDevice {
+    /// The device's instance id (its sysfs directory name).
+    pub instance_id: Guid,
+    /// The interface type.
+    pub class_id: Guid,
+    /// The primary channel's relid (the lowest entry under `channels/`).
+    pub relid: u32,
+    /// `uioN`.
+    pub uio_name: String,
+    /// Bytes of one direction's ring (half of map 0).
+    pub ring_size: usize,
+    /// `/dev/uioN`.
+    pub dev_path: PathBuf,
+}
+
+/// Why a uio device could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum UioError {
+    /// A sysfs file is absent or unreadable.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// A sysfs file has content we do not understand.
+    #[error("{path}: {why} (found {found:?})")]
+    Malformed {
+        /// The path.
+        path: PathBuf,
+        /// What was expected.
+        why: &'static str,
+        /// What was there, cut to 80 characters.
+        found: String,
+    },
+    /// The ring memory could not be mapped or is unusable.
+    #[error("{dev}: {source}")]
+    Ring {
+        /// `/dev/uioN`.
+        dev: PathBuf,
+        /// The ring error.
+        source: RingError,
+    },
+}
+
+fn read_small(path: &Path) -> Result<String, UioError> {
+    let text = std::fs::read_to_string(path).map_err(|source| UioError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(text.trim().to_owned())
+}
+
+fn malformed(path: &Path, why: &'static str, found: &str) -> UioError {
+    UioError::Malformed {
+        path: path.to_owned(),
+        why,
+        found: found.chars().take(80).collect(),
+    }
+}
+
+/// Finds every device under `devices` that is bound to uio (has a `uio/` directory). Devices not
+/// bound to uio are skipped silently; broken ones are returned as errors.
+pub fn discover(devices: &Path, dev_dir: &Path) -> io::Result<Vec<Result<UioDevice, UioError>>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(devices)? {
+        let dir = entry?.path();
+        if !dir.join("uio").is_dir() {
+            continue;
+        }
+        out.push(describe(&dir, dev_dir));
+    }
+    out.sort_by(|a, b| match (a, b) {
+        (Ok(a), Ok(b)) => a.instance_id.cmp(&b.instance_id),
+        _ => std::cmp::Ordering::Equal,
+    });
+    Ok(out)
+}
+
+/// Reads one device directory.
+pub fn describe(dir: &Path, dev_dir: &Path) -> Result<UioDevice, UioError> {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let instance_id: Guid = name
+        .parse()
+        .map_err(|_| malformed(dir, "a device directory named by its instance GUID", name))?;
+    let class_path = dir.join("class_id");
+    let class_text = read_small(&class_path)?;
+    // sysfs prints `{guid}`.
+    let class_id: Guid = class_text
+        .trim_start_matches('{')
+        .trim_end_matches('}')
+        .parse()
+        .map_err(|_| malformed(&class_path, "a GUID in braces", &class_text))?;
+
+    let channels = dir.join("channels");
+    let relid = std::fs::read_dir(&channels)
+        .map_err(|source| UioError::Io {
+            path: channels.clone(),
+            source,
+        })?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("ring").exists())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .min()
+        .ok_or_else(|| malformed(&channels, "a channels/<relid>/ring entry", ""))?;
+
+    let uio_dir = dir.join("uio");
+    let uio_name = std::fs::read_dir(&uio_dir)
+        .map_err(|source| UioError::Io {
+            path: uio_dir.clone(),
+            source,
+        })?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.strip_prefix("uio").is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())))
+        .min()
+        .ok_or_else(|| malformed(&uio_dir, "a uioN entry", ""))?;
+
+    let size_path = uio_dir.join(&uio_name).join("maps/map0/size");
+    let size_text = read_small(&size_path)?;
+    let map_size = parse_hex_or_dec(&size_text)
+        .ok_or_else(|| malformed(&size_path, "a size such as 0x8000", &size_text))?;
+    let ring_size = map_size / 2;
+    if map_size % 2 != 0
+        || ring_size % 4096 != 0
+        || !(u64::from(MIN_RING_SIZE)..=u64::from(MAX_RING_SIZE)).contains(&ring_size)
+    {
+        return Err(malformed(
+            &size_path,
+            "two rings of equal size, each a multiple of 4096 from 8 KiB to 64 MiB",
+            &size_text,
+        ));
+    }
+    Ok(UioDevice {
+        instance_id,
+        class_id,
+        relid,
+        dev_path: dev_dir.join(&uio_name),
+        uio_name,
+        ring_size: ring_size as usize,
+    })
+}
+
+fn parse_hex_or_dec(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+impl UioDevice {
+    /// Opens `/dev/uioN`, maps map 0 and uses the same descriptor as the doorbell.
+    pub fn open(&self, label: &str) -> Result<Channel, UioError> {
+        let io = |source| UioError::Io {
+            path: self.dev_path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(&self.dev_path)
+            .map_err(io)?;
+        let doorbell_fd: OwnedFd = file.try_clone().map_err(io)?.into();
+        let doorbell = Doorbell::new(doorbell_fd, DoorbellKind::Uio).map_err(io)?;
+        self.open_with(&file, doorbell, label)
+    }
+
+    /// Maps the rings from `ring_file` (map 0 at offset 0) and pairs them with `doorbell`. `open`
+    /// calls this; tests call it with a regular file and a socket standing in for `/dev/uioN`.
+    pub fn open_with(&self, ring_file: &File, doorbell: Doorbell, label: &str) -> Result<Channel, UioError> {
+        let ring_err = |source| UioError::Ring {
+            dev: self.dev_path.clone(),
+            source,
+        };
+        let map = SharedMapping::map_file(ring_file, 2 * self.ring_size).map_err(ring_err)?;
+        let rings = RingPair::new(map, self.ring_size, Role::Guest).map_err(ring_err)?;
+        rings.set_feature_bits();
+        Ok(Channel::new(rings, doorbell, label))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEARTBEAT: &str = "57164f39-9115-4e78-ab55-382f3bd5422d";
+    const INSTANCE: &str = "fd149e91-82e0-4a7d-afa6-2a4166cbd7c0";
+
+    /// A sysfs tree as the kernel lays it out for one device bound to uio_hv_generic.
+    pub(crate) fn fake_device(root: &Path, instance: &str, class: &str, map0_size: &str) -> PathBuf {
+        let dev = root.join("devices").join(instance);
+        std::fs::create_dir_all(dev.join("channels/14")).unwrap();
+        std::fs::create_dir_all(dev.join("channels/27")).unwrap();
+        std::fs::write(dev.join("channels/14/ring"), b"").unwrap();
+        std::fs::write(dev.join("channels/27/ring"), b"").unwrap();
+        std::fs::create_dir_all(dev.join("uio/uio3/maps/map0")).unwrap();
+        std::fs::write(dev.join("uio/uio3/maps/map0/size"), format!("{map0_size}\n")).unwrap();
+        std::fs::write(dev.join("uio/uio3/maps/map0/name"), "txrx_rings\n").unwrap();
+        std::fs::write(dev.join("class_id"), format!("{{{class}}}\n")).unwrap();
+        dev
+    }
+
+    #[test]
+    fn discovers_a_bound_device_and_skips_unbound_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        fake_device(tmp.path(), INSTANCE, HEARTBEAT, "0x8000");
+        // A device without uio/ is bound to another driver (hv_utils): not ours.
+        let other = tmp.path().join("devices/242ff919-07db-4180-9c2e-b86cb68c8c55");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("class_id"), "{a9a0f4e7-5a45-4d96-b827-8a841e8c03e6}\n").unwrap();
+
+        let found = discover(&tmp.path().join("devices"), Path::new("/devtest")).unwrap();
+        assert_eq!(found.len(), 1);
+        let dev = found.into_iter().next().unwrap().unwrap();
+        assert_eq!(dev.class_id, HEARTBEAT.parse().unwrap());
+        assert_eq!(dev.instance_id, INSTANCE.parse().unwrap());
+        assert_eq!(dev.relid, 14);
+        assert_eq!(dev.uio_name, "uio3");
+        assert_eq!(dev.ring_size, 0x4000);
+        assert_eq!(dev.dev_path, Path::new("/devtest/uio3"));
+    }
+
+    #[test]
+    fn refuses_odd_map_sizes_and_bad_class_ids() {
+        let tmp = tempfile::tempdir().unwrap();
+        for size in ["0x3000", "0x10", "banana", "0x5000"] {
+            let dev = fake_device(tmp.path(), INSTANCE, HEARTBEAT, size);
+            let err = describe(&dev, Path::new("/dev")).unwrap_err();
+            assert!(matches!(err, UioError::Malformed { .. }), "{size}: {err}");
+            std::fs::remove_dir_all(tmp.path().join("devices")).unwrap();
+        }
+        let dev = fake_device(tmp.path(), INSTANCE, "not-a-guid", "0x8000");
+        assert!(matches!(describe(&dev, Path::new("/dev")), Err(UioError::Malformed { .. })));
+    }
+}
