@@ -1,13 +1,14 @@
 //! The contract between the IC framework and one integration service.
 //!
-//! Hyper-V integration components (heartbeat, shutdown, timesync, KVP, VSS, fcopy) share one framing:
-//! `vmbuspipe_hdr` + `icmsg_hdr`, a version negotiation, then service messages. The framework
-//! (`ic::guest`) owns framing and negotiation; a service only sees its own messages. Like Linux's
-//! `hv_util.c`, a reply is the request buffer modified in place and sent back with the same length and
-//! transaction id, so the service gets the message body as `&mut [u8]` and edits it.
+//! Hyper-V integration components (heartbeat, shutdown, timesync, KVP, VSS, fcopy) share one
+//! framing: `vmbuspipe_hdr` + `icmsg_hdr`, a version negotiation, then service messages. The
+//! framework (`hvisd_ic::guest`) owns framing and negotiation; a service only sees its own
+//! messages. Like Linux's `hv_util.c`, a reply is the request buffer modified in place and sent
+//! back with the same length and transaction id, so the service gets the message body as
+//! `&mut [u8]` and edits it.
 
 use hvisd_protocol::guid::Guid;
-use hvisd_protocol::ic::IcVersion;
+use hvisd_protocol::ic::{IcVersion, MessageType};
 use std::future::Future;
 
 /// What the framework tells a service about one incoming message.
@@ -19,6 +20,25 @@ pub struct IcMessageInfo {
     pub framework_version: IcVersion,
     /// The message version agreed in negotiation.
     pub message_version: IcVersion,
+}
+
+impl IcMessageInfo {
+    /// `Ok` if the message is of type `expected`, else the [`IcServiceError::UnexpectedType`]
+    /// that `service` should return (the framework then answers `HV_E_FAIL`, as Linux does).
+    pub fn expect_type(
+        &self,
+        service: &'static str,
+        expected: MessageType,
+    ) -> Result<(), IcServiceError> {
+        if MessageType(self.message_type) == expected {
+            Ok(())
+        } else {
+            Err(IcServiceError::UnexpectedType {
+                service,
+                message_type: self.message_type,
+            })
+        }
+    }
 }
 
 /// The outcome of handling one message: the status the framework puts in `icmsg_hdr.status`.
@@ -41,10 +61,16 @@ pub trait IcService: Send {
     /// Message versions this guest accepts, most preferred first.
     fn message_versions(&self) -> &'static [IcVersion];
 
-    /// Handles one service message. `body` is the bytes after `icmsg_hdr`, limited to what the packet
-    /// carries; the service edits it in place to form the reply (e.g. heartbeat adds 1 to the sequence
-    /// number). Returning `Err` makes the framework reply with `HV_E_FAIL` and log the error; the
-    /// channel stays open. Must never panic on host input.
+    /// Handles one service message. `body` is the bytes after `icmsg_hdr`, limited to what the
+    /// packet carries; the service edits it in place to form the reply (e.g. heartbeat adds 1 to
+    /// the sequence number). Errors are logged with the service name and the channel stays open;
+    /// what the host sees follows Linux's `hv_util.c`:
+    /// - [`IcServiceError::Malformed`]: the packet is dropped without a reply (Linux drops bodies
+    ///   too short for their structure);
+    /// - [`IcServiceError::UnexpectedType`] and [`IcServiceError::Failed`]: the framework replies
+    ///   with `HV_E_FAIL`.
+    ///
+    /// Must never panic on host input.
     fn handle(
         &mut self,
         info: IcMessageInfo,
@@ -79,4 +105,14 @@ pub enum IcServiceError {
         /// What went wrong, for a person.
         reason: String,
     },
+}
+
+impl IcServiceError {
+    /// A [`IcServiceError::Malformed`] for `service` whose reason is `err`'s message.
+    pub fn malformed(service: &'static str, err: impl std::fmt::Display) -> Self {
+        IcServiceError::Malformed {
+            service,
+            reason: err.to_string(),
+        }
+    }
 }

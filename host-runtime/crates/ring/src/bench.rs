@@ -1,0 +1,405 @@
+//! Ring throughput benchmark: a writer thread and a reader thread over one real
+//! `MAP_SHARED` ring, interrupting each other through a real `SOCK_SEQPACKET` doorbell
+//! exactly as the shm transport prescribes, against a memcpy baseline measured in the same
+//! run. Figures, not a test: run `cargo run --release -p hvisd-ring --features bench
+//! --example ring_bench`.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::doorbell::{doorbell_pair, receive_until, send_blocking};
+use crate::{
+    MappedRing, PAGE_SIZE, PacketHeader, RingError, RingReader, RingWriter, SharedMapping,
+    packet_len,
+};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct RingBenchOptions {
+    /// Bytes of the ring, control page included.
+    pub ring_size: usize,
+    /// In-band payload sizes to measure.
+    pub payload_sizes: Vec<usize>,
+    /// Packets per commit in the batched cases (the unbatched ones commit each packet).
+    pub batch: usize,
+    /// Payload bytes to move per case; the packet count is this divided by the payload
+    /// size, clamped to `[min_packets, max_packets]`.
+    pub bytes_per_case: u64,
+    /// Lower bound of packets per case.
+    pub min_packets: u64,
+    /// Upper bound of packets per case.
+    pub max_packets: u64,
+    /// Runs of every measurement; the fastest is reported (on a shared machine the slower
+    /// runs measure other processes' load, not the ring).
+    pub repeats: u32,
+}
+
+impl Default for RingBenchOptions {
+    fn default() -> Self {
+        Self {
+            ring_size: 128 * PAGE_SIZE,
+            payload_sizes: vec![64, 1024, 4096],
+            batch: 32,
+            bytes_per_case: 1 << 30,
+            min_packets: 200_000,
+            max_packets: 10_000_000,
+            repeats: 3,
+        }
+    }
+}
+
+/// One ring measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct RingBenchCase {
+    /// Payload bytes per packet.
+    pub payload_len: usize,
+    /// Packets per writer commit.
+    pub batch: usize,
+    /// Packets moved.
+    pub packets: u64,
+    /// Wall time from the first write to the last packet read.
+    pub seconds: f64,
+    /// Packets per second.
+    pub packets_per_sec: f64,
+    /// Payload gigabytes (10^9) per second.
+    pub payload_gb_per_sec: f64,
+    /// Doorbell messages writer -> reader.
+    pub signals_to_reader: u64,
+    /// Doorbell messages reader -> writer.
+    pub signals_to_writer: u64,
+    /// Both directions' signals divided by packets.
+    pub signals_per_packet: f64,
+    /// Times the reader slept on the doorbell (ring empty).
+    pub reader_waits: u64,
+    /// Times the writer slept on the doorbell (ring full).
+    pub writer_waits: u64,
+    /// Packets whose payload wrapped and was copied into the reader's scratch buffer.
+    pub wrapped_packets: u64,
+    /// The memcpy baseline for this payload size.
+    pub memcpy_gb_per_sec: f64,
+    /// `payload_gb_per_sec / memcpy_gb_per_sec`.
+    pub ratio_to_memcpy: f64,
+}
+
+/// The memcpy baseline for one payload size: the same bytes copied into a buffer of the
+/// ring's size and out again, on one thread.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemcpyCase {
+    /// Bytes per copy.
+    pub payload_len: usize,
+    /// Copies made (each in and out).
+    pub copies: u64,
+    /// Payload gigabytes (10^9) per second.
+    pub gb_per_sec: f64,
+}
+
+/// The ring's CPU cost alone: one thread writes a batch, then reads it back, so no cache
+/// line crosses cores and no signal is sent. Stable on a busy machine where the two-thread
+/// figures depend on scheduling.
+#[derive(Debug, Clone, Serialize)]
+pub struct SingleThreadCase {
+    /// Payload bytes per packet.
+    pub payload_len: usize,
+    /// Packets per batch (written, then read).
+    pub batch: usize,
+    /// Packets moved.
+    pub packets: u64,
+    /// Packets per second (write + read).
+    pub packets_per_sec: f64,
+    /// Payload gigabytes (10^9) per second.
+    pub payload_gb_per_sec: f64,
+    /// `payload_gb_per_sec` over the memcpy baseline.
+    pub ratio_to_memcpy: f64,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct RingBenchReport {
+    /// Ring size used (control page included).
+    pub ring_size: usize,
+    /// Logical CPUs available to this process.
+    pub cpus: usize,
+    /// Runs per measurement (the fastest is reported).
+    pub repeats: u32,
+    /// 1-minute load average when the run ended (other processes sharing the CPUs).
+    pub load_average_1m: Option<f64>,
+    /// What the reader does with each payload.
+    pub reader_work: &'static str,
+    /// Ring cases, unbatched then batched per payload size.
+    pub cases: Vec<RingBenchCase>,
+    /// Baselines.
+    pub memcpy: Vec<MemcpyCase>,
+    /// Write-then-read on one thread, batched.
+    pub single_thread: Vec<SingleThreadCase>,
+}
+
+impl RingBenchReport {
+    /// Prints a table for people.
+    pub fn print_human(&self) {
+        println!(
+            "ring {} KiB, {} CPUs, load {:?}, best of {}, reader {}",
+            self.ring_size / 1024,
+            self.cpus,
+            self.load_average_1m,
+            self.repeats,
+            self.reader_work
+        );
+        println!(
+            "{:>7} {:>5} {:>10} {:>12} {:>8} {:>8} {:>8} {:>7} {:>7}",
+            "payload",
+            "batch",
+            "packets",
+            "packets/s",
+            "GB/s",
+            "memcpy",
+            "ratio",
+            "sig/pkt",
+            "wrapped"
+        );
+        for c in &self.cases {
+            println!(
+                "{:>7} {:>5} {:>10} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>7.4} {:>7}",
+                c.payload_len,
+                c.batch,
+                c.packets,
+                c.packets_per_sec,
+                c.payload_gb_per_sec,
+                c.memcpy_gb_per_sec,
+                c.ratio_to_memcpy,
+                c.signals_per_packet,
+                c.wrapped_packets
+            );
+        }
+        println!("one thread, write a batch then read it (CPU cost of the ring alone):");
+        for c in &self.single_thread {
+            println!(
+                "{:>7} {:>5} {:>10} {:>12.0} {:>8.2} {:>17.2}",
+                c.payload_len,
+                c.batch,
+                c.packets,
+                c.packets_per_sec,
+                c.payload_gb_per_sec,
+                c.ratio_to_memcpy
+            );
+        }
+    }
+}
+
+/// Runs every case of `opts`.
+pub fn run_ring_bench(opts: &RingBenchOptions) -> Result<RingBenchReport, RingError> {
+    crate::check_ring_size(opts.ring_size)?;
+    let data_len = opts.ring_size - PAGE_SIZE;
+    let mut cases = Vec::new();
+    let mut memcpy = Vec::new();
+    let mut single_thread = Vec::new();
+    for &payload_len in &opts.payload_sizes {
+        let packets = (opts.bytes_per_case / payload_len.max(1) as u64)
+            .clamp(opts.min_packets, opts.max_packets);
+        let repeats = opts.repeats.max(1);
+        let baseline = best_of(
+            repeats,
+            |c: &MemcpyCase| c.gb_per_sec,
+            || Ok(memcpy_baseline(payload_len, data_len, packets)),
+        )?;
+        for batch in [1, opts.batch.max(1)] {
+            let mut case = best_of(
+                repeats,
+                |c: &RingBenchCase| c.packets_per_sec,
+                || run_case(opts.ring_size, payload_len, batch, packets),
+            )?;
+            case.memcpy_gb_per_sec = baseline.gb_per_sec;
+            case.ratio_to_memcpy = case.payload_gb_per_sec / baseline.gb_per_sec;
+            cases.push(case);
+        }
+        let mut one = best_of(
+            repeats,
+            |c: &SingleThreadCase| c.packets_per_sec,
+            || single_thread_case(opts.ring_size, payload_len, opts.batch.max(1), packets),
+        )?;
+        one.ratio_to_memcpy = one.payload_gb_per_sec / baseline.gb_per_sec;
+        single_thread.push(one);
+        memcpy.push(baseline);
+    }
+    Ok(RingBenchReport {
+        ring_size: opts.ring_size,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        repeats: opts.repeats.max(1),
+        load_average_1m: std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok()),
+        reader_work: "copies each payload out and checks the transaction id sequence",
+        cases,
+        memcpy,
+        single_thread,
+    })
+}
+
+/// Runs `measure` `repeats` times and keeps the run with the highest `score`.
+fn best_of<T>(
+    repeats: u32,
+    score: impl Fn(&T) -> f64,
+    mut measure: impl FnMut() -> Result<T, RingError>,
+) -> Result<T, RingError> {
+    let mut best = measure()?;
+    for _ in 1..repeats {
+        let next = measure()?;
+        if score(&next) > score(&best) {
+            best = next;
+        }
+    }
+    Ok(best)
+}
+
+fn run_case(
+    ring_size: usize,
+    payload_len: usize,
+    batch: usize,
+    packets: u64,
+) -> Result<RingBenchCase, RingError> {
+    let map = SharedMapping::anonymous(ring_size)?;
+    let ring = MappedRing::new(map, 0, ring_size, "bench ring")?;
+    let (mut writer_bell, mut reader_bell) = doorbell_pair().map_err(|source| RingError::Os {
+        call: "socketpair for the doorbell",
+        source,
+    })?;
+    // A lost wakeup would otherwise hang the run; fail it instead.
+    for bell in [&writer_bell, &reader_bell] {
+        bell.set_wait_timeout(std::time::Duration::from_secs(60))
+            .map_err(|source| RingError::Os {
+                call: "SO_RCVTIMEO on the doorbell",
+                source,
+            })?;
+    }
+    let mut writer = RingWriter::new(ring.clone())?;
+    let mut reader = RingReader::new(ring)?;
+    let source: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
+
+    let start = Instant::now();
+    let producer = std::thread::spawn(move || -> Result<(u64, u64), RingError> {
+        let mut waits = 0;
+        let mut packets_buf = Vec::with_capacity(batch);
+        let mut seq = 0u64;
+        while seq < packets {
+            let n = (packets - seq).min(batch as u64);
+            packets_buf.clear();
+            packets_buf.extend((seq..seq + n).map(|s| (PacketHeader::inband(s), &source[..])));
+            send_blocking(&mut writer, &mut writer_bell, &packets_buf, &mut waits)?;
+            seq += n;
+        }
+        Ok((waits, writer_bell.sent))
+    });
+
+    let mut sink = vec![0u8; payload_len.next_multiple_of(8)];
+    let mut expected = 0u64;
+    let mut out_of_order = None;
+    let mut reader_waits = 0;
+    receive_until(&mut reader, &mut reader_bell, &mut reader_waits, |packet| {
+        if packet.transaction_id != expected && out_of_order.is_none() {
+            out_of_order = Some((expected, packet.transaction_id));
+        }
+        let n = packet.payload.len().min(sink.len());
+        sink[..n].copy_from_slice(&packet.payload[..n]);
+        black_box(&sink);
+        expected += 1;
+        expected < packets
+    })?;
+    let seconds = start.elapsed().as_secs_f64();
+    let (writer_waits, signals_to_reader) = producer.join().map_err(|_| RingError::Os {
+        call: "benchmark writer thread (panicked)",
+        source: rustix::io::Errno::IO,
+    })??;
+    if let Some((want, got)) = out_of_order {
+        panic!("ring benchmark: expected transaction {want}, got {got}");
+    }
+    let signals_to_writer = reader_bell.sent;
+    let stats = reader.stats();
+    Ok(RingBenchCase {
+        payload_len,
+        batch,
+        packets,
+        seconds,
+        packets_per_sec: packets as f64 / seconds,
+        payload_gb_per_sec: (packets * payload_len as u64) as f64 / seconds / 1e9,
+        signals_to_reader,
+        signals_to_writer,
+        signals_per_packet: (signals_to_reader + signals_to_writer) as f64 / packets as f64,
+        reader_waits,
+        writer_waits,
+        wrapped_packets: stats.copied_packets,
+        memcpy_gb_per_sec: 0.0,
+        ratio_to_memcpy: 0.0,
+    })
+}
+
+fn single_thread_case(
+    ring_size: usize,
+    payload_len: usize,
+    batch: usize,
+    packets: u64,
+) -> Result<SingleThreadCase, RingError> {
+    let map = SharedMapping::anonymous(ring_size)?;
+    let ring = MappedRing::new(map, 0, ring_size, "bench ring")?;
+    let mut writer = RingWriter::new(ring.clone())?;
+    let mut reader = RingReader::new(ring)?;
+    let source: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
+    let mut sink = vec![0u8; payload_len.next_multiple_of(8)];
+    // Keep a batch well inside the ring so it never fills.
+    let per_batch = batch
+        .min((ring_size - PAGE_SIZE) / 2 / packet_len(payload_len))
+        .max(1) as u64;
+    let start = Instant::now();
+    let mut seq = 0u64;
+    while seq < packets {
+        let n = per_batch.min(packets - seq);
+        let mut out = writer.begin()?;
+        for s in seq..seq + n {
+            out.write(PacketHeader::inband(s), &[&source])?;
+        }
+        black_box(out.commit());
+        let mut inp = reader.begin()?;
+        while let Some(packet) = inp.next()? {
+            let len = packet.payload.len().min(sink.len());
+            sink[..len].copy_from_slice(&packet.payload[..len]);
+            black_box(&sink);
+        }
+        black_box(inp.commit());
+        seq += n;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(SingleThreadCase {
+        payload_len,
+        batch: per_batch as usize,
+        packets,
+        packets_per_sec: packets as f64 / seconds,
+        payload_gb_per_sec: (packets * payload_len as u64) as f64 / seconds / 1e9,
+        ratio_to_memcpy: 0.0,
+    })
+}
+
+/// Copies `payload_len` bytes into a ring-sized buffer at the offsets the ring would use
+/// (advancing by the packet length, restarting at 0 instead of wrapping) and out again.
+fn memcpy_baseline(payload_len: usize, data_len: usize, copies: u64) -> MemcpyCase {
+    let source: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
+    let mut buffer = vec![0u8; data_len];
+    let mut sink = vec![0u8; payload_len];
+    let step = packet_len(payload_len);
+    let mut at = 0;
+    let start = Instant::now();
+    for _ in 0..copies {
+        if at + payload_len > data_len {
+            at = 0;
+        }
+        buffer[at..at + payload_len].copy_from_slice(black_box(&source));
+        sink.copy_from_slice(black_box(&buffer[at..at + payload_len]));
+        black_box(&sink);
+        at += step;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    MemcpyCase {
+        payload_len,
+        copies,
+        gb_per_sec: (copies * payload_len as u64) as f64 / seconds / 1e9,
+    }
+}
