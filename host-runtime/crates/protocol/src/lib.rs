@@ -2,4 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod guid;
+pub mod hvsock;
 pub mod ic;
+pub mod kvp;
+pub mod kvp_daemon;
