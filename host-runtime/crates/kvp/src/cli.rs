@@ -1,0 +1,286 @@
+//! `hvisd kvp list|get|set|delete [--pool NAME] [--pool-dir DIR] [--json]`: an operator's tool over
+//! the pool files, safe while the daemon runs (it uses the same locks and atomic rewrite, and waits
+//! for late cloud-init appends to a file it replaced before exiting).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hvisd_protocol::kvp::{MAX_KEY_SIZE, MAX_VALUE_SIZE, Pool};
+
+use crate::pool::{PoolStore, StoreError, StoreOptions};
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvpCliCommand {
+    /// List one pool, or all pools when no pool is given.
+    List,
+    /// Print one value.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Create or replace one key.
+    Set {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Remove one key.
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+/// Parsed arguments (clap-free; the binary maps its subcommand onto this).
+#[derive(Debug, Clone)]
+pub struct KvpCliArgs {
+    /// The command.
+    pub command: KvpCliCommand,
+    /// `--pool`: a name (`guest`, `external`, `auto`, `auto-external`, `auto-internal`) or 0-4,
+    /// parsed with [`Pool::parse`]. Default: all pools for `list`, `guest` otherwise.
+    pub pool: Option<Pool>,
+    /// `--pool-dir`, default `/var/lib/hyperv`.
+    pub pool_dir: PathBuf,
+    /// `--json`.
+    pub json: bool,
+}
+
+/// Why the command failed (the binary prints it and exits non-zero).
+#[derive(Debug, thiserror::Error)]
+pub enum KvpCliError {
+    /// Pool file trouble.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The key is not in the pool.
+    #[error("key {key:?} is not in the {pool} pool")]
+    NotFound {
+        /// The key.
+        key: String,
+        /// The pool.
+        pool: Pool,
+    },
+    /// The key or value does not fit a record.
+    #[error("{what} is {len} bytes, limit {limit}")]
+    TooLong {
+        /// "key" or "value".
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The key is empty or contains NUL.
+    #[error("the key must be non-empty and contain no NUL byte")]
+    BadKey,
+    /// Writing the output failed.
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Runs one command, writing the table (or JSON) to `out`.
+pub fn cli(args: &KvpCliArgs, out: &mut dyn Write) -> Result<(), KvpCliError> {
+    let mut store = PoolStore::open(&args.pool_dir, StoreOptions::default())?;
+    let default_pool = args.pool.unwrap_or(Pool::Guest);
+    match &args.command {
+        KvpCliCommand::List => {
+            let pools: Vec<Pool> = args
+                .pool
+                .map(|p| vec![p])
+                .unwrap_or_else(|| Pool::ALL.to_vec());
+            let mut rows = Vec::new();
+            for p in pools {
+                for (k, v) in store.list(p)? {
+                    rows.push((p, k, v));
+                }
+            }
+            if args.json {
+                let json: Vec<_> = rows
+                    .iter()
+                    .map(|(p, k, v)| serde_json::json!({"pool": p.name(), "key": k, "value": v}))
+                    .collect();
+                writeln!(out, "{}", serde_json::Value::Array(json))?;
+            } else {
+                let width = |f: &dyn Fn(&(Pool, String, String)) -> usize, min: usize| {
+                    rows.iter().map(f).max().unwrap_or(0).max(min)
+                };
+                let pw = width(&|r| r.0.name().len(), 4);
+                let kw = width(&|r| r.1.chars().count(), 3);
+                writeln!(out, "{:pw$}  {:kw$}  VALUE", "POOL", "KEY")?;
+                for (p, k, v) in &rows {
+                    writeln!(out, "{:pw$}  {:kw$}  {}", p.name(), k, v.escape_debug())?;
+                }
+            }
+        }
+        KvpCliCommand::Get { key } => {
+            let value = store
+                .get(default_pool, key)?
+                .ok_or_else(|| KvpCliError::NotFound {
+                    key: key.clone(),
+                    pool: default_pool,
+                })?;
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"pool": default_pool.name(), "key": key, "value": value})
+                )?;
+            } else {
+                writeln!(out, "{value}")?;
+            }
+        }
+        KvpCliCommand::Set { key, value } => {
+            check(key, value)?;
+            store.set(default_pool, key, value)?;
+            store.settle(Duration::from_millis(200))?;
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"pool": default_pool.name(), "key": key, "value": value})
+                )?;
+            }
+        }
+        KvpCliCommand::Delete { key } => {
+            let deleted = store.delete(default_pool, key)?;
+            store.settle(Duration::from_millis(200))?;
+            if !deleted {
+                return Err(KvpCliError::NotFound {
+                    key: key.clone(),
+                    pool: default_pool,
+                });
+            }
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"pool": default_pool.name(), "key": key, "deleted": true})
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check(key: &str, value: &str) -> Result<(), KvpCliError> {
+    if key.is_empty() || key.contains('\0') {
+        return Err(KvpCliError::BadKey);
+    }
+    if key.len() >= MAX_KEY_SIZE {
+        return Err(KvpCliError::TooLong {
+            what: "key",
+            len: key.len(),
+            limit: MAX_KEY_SIZE - 1,
+        });
+    }
+    if value.len() >= MAX_VALUE_SIZE {
+        return Err(KvpCliError::TooLong {
+            what: "value",
+            len: value.len(),
+            limit: MAX_VALUE_SIZE - 1,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(
+        dir: &std::path::Path,
+        command: KvpCliCommand,
+        pool: Option<Pool>,
+        json: bool,
+    ) -> Result<String, KvpCliError> {
+        let mut out = Vec::new();
+        cli(
+            &KvpCliArgs {
+                command,
+                pool,
+                pool_dir: dir.to_path_buf(),
+                json,
+            },
+            &mut out,
+        )?;
+        Ok(String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn set_then_list_shows_a_table_and_json() {
+        let d = tempfile::tempdir().unwrap();
+        run(
+            d.path(),
+            KvpCliCommand::Set {
+                key: "color".into(),
+                value: "blue".into(),
+            },
+            None,
+            false,
+        )
+        .unwrap();
+        run(
+            d.path(),
+            KvpCliCommand::Set {
+                key: "k".into(),
+                value: "v".into(),
+            },
+            Some(Pool::External),
+            false,
+        )
+        .unwrap();
+        let table = run(d.path(), KvpCliCommand::List, None, false).unwrap();
+        assert_eq!(
+            table,
+            "POOL      KEY    VALUE\nexternal  k      v\nguest     color  blue\n"
+        );
+        let json = run(d.path(), KvpCliCommand::List, Some(Pool::Guest), true).unwrap();
+        assert_eq!(
+            json.trim(),
+            r#"[{"key":"color","pool":"guest","value":"blue"}]"#
+        );
+        assert_eq!(
+            run(
+                d.path(),
+                KvpCliCommand::Get {
+                    key: "color".into()
+                },
+                None,
+                false
+            )
+            .unwrap(),
+            "blue\n"
+        );
+    }
+
+    #[test]
+    fn get_or_delete_of_a_missing_key_fails_with_the_pool_named() {
+        let d = tempfile::tempdir().unwrap();
+        let err = run(
+            d.path(),
+            KvpCliCommand::Delete { key: "x".into() },
+            None,
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "key \"x\" is not in the guest pool");
+    }
+
+    #[test]
+    fn an_oversized_value_is_refused_with_the_limit() {
+        let d = tempfile::tempdir().unwrap();
+        let err = run(
+            d.path(),
+            KvpCliCommand::Set {
+                key: "k".into(),
+                value: "x".repeat(3000),
+            },
+            None,
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "value is 3000 bytes, limit 2047");
+    }
+}
