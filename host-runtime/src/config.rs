@@ -6,7 +6,7 @@
 use crate::services::ServiceKind;
 use hvisd_ic::shutdown::ShutdownAction;
 use serde::Deserialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -18,6 +18,92 @@ pub struct Config {
     /// What a shutdown request from the host does.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Key/value exchange.
+    #[serde(default)]
+    pub kvp: KvpSection,
+}
+
+/// `[kvp]`: where the pools live, the kernel device, the IP-configuration helpers, plugin keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvpSection {
+    /// Directory of `.kvp_pool_0` .. `.kvp_pool_4` (shared with cloud-init and other tools).
+    #[serde(default = "default_pool_dir")]
+    pub pool_dir: PathBuf,
+    /// The kernel transport's device (`--transport kernel`). A path that is a Unix
+    /// `SOCK_SEQPACKET` socket is connected to instead, carrying the same messages.
+    #[serde(default = "default_kvp_device")]
+    pub device: PathBuf,
+    /// Where SET_IP_INFO writes `ifcfg-<if>` and `<if>.nmconnection`.
+    #[serde(default = "default_pool_dir")]
+    pub ifcfg_dir: PathBuf,
+    /// The script SET_IP_INFO runs with the two files (as `hv_kvp_daemon` runs `hv_set_ifconfig`).
+    #[serde(default = "default_set_ifconfig")]
+    pub set_ifconfig: PathBuf,
+    /// The script that lists DNS servers for GET_IP_INFO.
+    #[serde(default = "default_get_dns_info")]
+    pub get_dns_info: PathBuf,
+    /// The script that says whether an interface uses DHCP.
+    #[serde(default = "default_get_dhcp_info")]
+    pub get_dhcp_info: PathBuf,
+    /// How long one host request may wait for plugin-provided values, in milliseconds.
+    #[serde(default = "default_plugin_deadline_ms")]
+    pub plugin_key_deadline_ms: u64,
+    /// How long a plugin-provided value is served from cache, in milliseconds.
+    #[serde(default = "default_plugin_cache_ms")]
+    pub plugin_key_cache_ms: u64,
+}
+
+fn default_pool_dir() -> PathBuf {
+    "/var/lib/hyperv".into()
+}
+fn default_kvp_device() -> PathBuf {
+    "/dev/vmbus/hv_kvp".into()
+}
+fn default_set_ifconfig() -> PathBuf {
+    "/usr/libexec/hypervkvpd/hv_set_ifconfig".into()
+}
+fn default_get_dns_info() -> PathBuf {
+    "/usr/libexec/hypervkvpd/hv_get_dns_info".into()
+}
+fn default_get_dhcp_info() -> PathBuf {
+    "/usr/libexec/hypervkvpd/hv_get_dhcp_info".into()
+}
+fn default_plugin_deadline_ms() -> u64 {
+    100
+}
+fn default_plugin_cache_ms() -> u64 {
+    5000
+}
+
+impl Default for KvpSection {
+    fn default() -> Self {
+        // serde's defaults and these must agree: build from an empty table.
+        toml::from_str("").unwrap_or_else(|_| unreachable!("an empty [kvp] table is valid"))
+    }
+}
+
+impl KvpSection {
+    /// The KVP service's configuration.
+    pub fn to_kvp_config(&self) -> hvisd_kvp::KvpConfig {
+        let mut config = hvisd_kvp::KvpConfig {
+            pool_dir: self.pool_dir.clone(),
+            ..Default::default()
+        };
+        config.net.config_dir = self.ifcfg_dir.clone();
+        config.net.set_ifconfig_script = self.set_ifconfig.clone();
+        config.net.get_dns_info_script = self.get_dns_info.clone();
+        config.net.get_dhcp_info_script = self.get_dhcp_info.clone();
+        config
+    }
+
+    /// Deadline and cache time for plugin-provided keys.
+    pub fn guest_key_options(&self) -> hvisd_kvp::GuestKeyOptions {
+        hvisd_kvp::GuestKeyOptions {
+            deadline: std::time::Duration::from_millis(self.plugin_key_deadline_ms),
+            cache_ttl: std::time::Duration::from_millis(self.plugin_key_cache_ms),
+        }
+    }
 }
 
 /// `[services]`: each service can be turned off, e.g. when another daemon still owns it.
@@ -131,6 +217,13 @@ impl Config {
                 why: "action = \"command\" needs a command, e.g. command = [\"systemctl\", \"poweroff\"]",
             });
         }
+        if config.kvp.plugin_key_deadline_ms == 0 || config.kvp.plugin_key_deadline_ms > 10_000 {
+            return Err(ConfigError::Invalid {
+                path: origin.to_owned(),
+                field: "kvp.plugin_key_deadline_ms",
+                why: "must be 1..=10000: the host's request waits at most this long for plugin values",
+            });
+        }
         Ok(config)
     }
 
@@ -162,6 +255,17 @@ mod tests {
         let config = Config::parse("", "test").unwrap();
         assert!(ServiceKind::ALL.iter().all(|k| config.service_enabled(*k)));
         assert!(matches!(config.shutdown_action(), ShutdownAction::LogOnly));
+    }
+
+    #[test]
+    fn kvp_section_defaults_match_the_c_daemon_paths() {
+        let config = Config::parse("", "test").unwrap();
+        assert_eq!(config.kvp.pool_dir, Path::new("/var/lib/hyperv"));
+        assert_eq!(config.kvp.device, Path::new("/dev/vmbus/hv_kvp"));
+        let config = Config::parse("[kvp]\npool_dir = \"/tmp/p\"\n", "test").unwrap();
+        assert_eq!(config.kvp.to_kvp_config().pool_dir, Path::new("/tmp/p"));
+        let err = Config::parse("[kvp]\nplugin_key_deadline_ms = 0\n", "t.toml").unwrap_err();
+        assert!(err.to_string().contains("plugin_key_deadline_ms"), "{err}");
     }
 
     #[test]

@@ -20,7 +20,8 @@ struct Cli {
 enum Command {
     /// Run the guest runtime on a transport.
     Run {
-        /// `shm:ROOT` (a host simulator's root), `uio` or `uio:SYSFS_DEVICES_DIR[:DEV_DIR]`.
+        /// `shm:ROOT` (a host simulator's root), `uio` or `uio:SYSFS_DEVICES_DIR[:DEV_DIR]`, or
+        /// `kernel[:DEVICE]` (KVP over /dev/vmbus/hv_kvp, or a SOCK_SEQPACKET socket at DEVICE).
         #[arg(long)]
         transport: String,
         /// The runtime's TOML config (defaults apply without one).
@@ -47,6 +48,20 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Read and change the KVP pool files (safe while the daemon runs).
+    Kvp {
+        /// Pool: external, guest, auto, auto-external, auto-internal, or 0-4.
+        #[arg(long, global = true)]
+        pool: Option<String>,
+        /// Pool directory.
+        #[arg(long, global = true, default_value = "/var/lib/hyperv")]
+        pool_dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: KvpCommand,
+    },
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
@@ -60,6 +75,29 @@ enum HostCommand {
     Script {
         /// The script file.
         file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum KvpCommand {
+    /// List the records of one pool (or of every pool).
+    List,
+    /// Print one value.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Create or replace a key.
+    Set {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Remove a key.
+    Delete {
+        /// The key.
+        key: String,
     },
 }
 
@@ -115,6 +153,12 @@ fn main() -> Result<()> {
             let config = load_config(config.as_ref())?;
             runtime()?.block_on(sim(script, root, config))
         }
+        Command::Kvp {
+            pool,
+            pool_dir,
+            json,
+            command,
+        } => kvp_cli(pool.as_deref(), pool_dir, json, command),
         Command::Bench { which } => match which {
             BenchCommand::Ring {
                 json,
@@ -145,11 +189,21 @@ async fn stop_signal() -> Result<()> {
 }
 
 async fn run(transport: &str, config: Config) -> Result<()> {
-    let services = Services::new(config);
+    let kvp_device = config.kvp.device.clone();
+    let services = Services::new(config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (kind, rest) = transport.split_once(':').unwrap_or((transport, ""));
     let serve = async {
         match kind {
+            "kernel" => {
+                let device = if rest.is_empty() { kvp_device } else { PathBuf::from(rest) };
+                let Some(core) = services.kvp_core() else {
+                    bail!("--transport kernel serves KVP, but [services] kvp = false");
+                };
+                tracing::info!(device = %device.display(), "serving KVP on the kernel device protocol");
+                hvisd_kvp::kernel::run_kernel_transport(core.clone(), &device).await?;
+                Ok(())
+            }
             "shm" => {
                 if rest.is_empty() {
                     bail!("--transport shm:ROOT needs the root directory, e.g. shm:/run/hvisd-sim");
@@ -168,7 +222,9 @@ async fn run(transport: &str, config: Config) -> Result<()> {
                 hvisd::runtime::run_uio(devices.as_ref(), dev_dir.as_ref(), services, stop_rx).await?;
                 Ok(())
             }
-            other => bail!("unknown transport {other:?}: use shm:ROOT or uio[:SYSFS_DEVICES_DIR[:DEV_DIR]]"),
+            other => bail!(
+                "unknown transport {other:?}: use shm:ROOT, uio[:SYSFS_DEVICES_DIR[:DEV_DIR]] or kernel[:DEVICE]"
+            ),
         }
     };
     tokio::pin!(serve);
@@ -205,6 +261,30 @@ async fn sim(script: Option<PathBuf>, root: Option<PathBuf>, config: Config) -> 
     if !transcript.ok() {
         bail!("{} of {} host actions failed", transcript.failures(), transcript.len());
     }
+    Ok(())
+}
+
+fn kvp_cli(pool: Option<&str>, pool_dir: PathBuf, json: bool, command: KvpCommand) -> Result<()> {
+    use hvisd_kvp::cli::{KvpCliArgs, KvpCliCommand};
+    let pool = match pool {
+        Some(name) => Some(hvisd_protocol::kvp::Pool::parse(name).with_context(|| {
+            format!("unknown pool {name:?}: use external, guest, auto, auto-external, auto-internal or 0-4")
+        })?),
+        None => None,
+    };
+    let command = match command {
+        KvpCommand::List => KvpCliCommand::List,
+        KvpCommand::Get { key } => KvpCliCommand::Get { key },
+        KvpCommand::Set { key, value } => KvpCliCommand::Set { key, value },
+        KvpCommand::Delete { key } => KvpCliCommand::Delete { key },
+    };
+    let args = KvpCliArgs {
+        command,
+        pool,
+        pool_dir,
+        json,
+    };
+    hvisd_kvp::cli::cli(&args, &mut std::io::stdout().lock())?;
     Ok(())
 }
 

@@ -6,6 +6,8 @@ use hvisd_ic::service::IcService;
 use hvisd_ic::IcGuest;
 use hvisd_protocol::guid::Guid;
 use hvisd_ring::{PACKET_TYPE_DATA_INBAND, PacketHeader};
+use hvisd_kvp::{KvpCore, KvpService};
+use std::sync::Arc;
 use tokio::task::JoinHandle;
 
 /// The services hvisd runs on VMBus channels.
@@ -63,18 +65,54 @@ impl ServiceKind {
     }
 }
 
-/// The services this runtime has enabled, with their configuration. Cheap to clone into tasks.
-#[derive(Debug, Clone)]
+/// The services this runtime has enabled, with their configuration and shared state. Cheap to
+/// clone into tasks.
+#[derive(Clone)]
 pub struct Services {
-    config: std::sync::Arc<Config>,
+    config: Arc<Config>,
+    /// One KVP core for every KVP channel and transport: the pools are one set of files.
+    kvp: Option<Arc<tokio::sync::Mutex<KvpCore>>>,
+}
+
+/// Why the services could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServicesError {
+    /// The KVP pools could not be opened or created.
+    #[error("KVP pools in {dir}: {source}")]
+    KvpPools {
+        /// The pool directory.
+        dir: String,
+        /// What failed.
+        source: hvisd_kvp::StoreError,
+    },
 }
 
 impl Services {
-    /// Services as the config enables them.
-    pub fn new(config: Config) -> Self {
-        Self {
-            config: std::sync::Arc::new(config),
-        }
+    /// Services as the config enables them. Opens (and if needed creates) the KVP pools.
+    pub fn new(config: Config) -> Result<Self, ServicesError> {
+        let kvp = if config.services.kvp {
+            let core = KvpCore::new(config.kvp.to_kvp_config()).map_err(|source| ServicesError::KvpPools {
+                dir: config.kvp.pool_dir.display().to_string(),
+                source,
+            })?;
+            Some(Arc::new(tokio::sync::Mutex::new(core)))
+        } else {
+            None
+        };
+        Ok(Self {
+            config: Arc::new(config),
+            kvp,
+        })
+    }
+
+    /// The shared KVP core, if KVP is enabled.
+    pub fn kvp_core(&self) -> Option<&Arc<tokio::sync::Mutex<KvpCore>>> {
+        self.kvp.as_ref()
+    }
+
+    /// The runtime's configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The service that answers `class_id`, if it is enabled.
@@ -98,9 +136,13 @@ impl Services {
                 serve_ic(channel, hvisd_ic::shutdown::ShutdownService::new(self.config.shutdown_action())).await
             }
             ServiceKind::TimeSync => serve_ic(channel, hvisd_ic::timesync::TimesyncService::new()).await,
-            ServiceKind::Kvp => Err(ChannelError::Closed {
-                channel: channel.label().to_owned(),
-            }),
+            ServiceKind::Kvp => match &self.kvp {
+                Some(core) => serve_ic(channel, KvpService::new(core.clone()).await).await,
+                // kind_for never picks a disabled service; answer as if the host had gone.
+                None => Err(ChannelError::Closed {
+                    channel: channel.label().to_owned(),
+                }),
+            },
         }
     }
 }

@@ -40,7 +40,9 @@ async fn a_uio_device_found_in_sysfs_answers_negotiation_and_heartbeats() {
     let device = devices.into_iter().next().unwrap().unwrap();
     assert_eq!(device.ring_size, RING_SIZE as usize);
 
-    let services = Services::new(Config::default());
+    // KVP is off: this test must not open the machine's /var/lib/hyperv.
+    let config = Config::parse("[services]\nkvp = false\n", "uio test").unwrap();
+    let services = Services::new(config).unwrap();
     let kind = services.kind_for(&device.class_id).expect("heartbeat is served");
     assert_eq!(kind, ServiceKind::Heartbeat);
 

@@ -17,6 +17,7 @@ use crate::transport::shm_host;
 use hvisd_ic::host::{self as ic_host, IcHost};
 use hvisd_ic::NegotiateOutcome;
 use hvisd_protocol::ic::{heartbeat, shutdown, timesync};
+use hvisd_protocol::kvp::{self, IpInfoUtf16, KvpOperation, KvpReplyView, KvpRequest, KvpValue};
 use hvisd_protocol::guid::Guid;
 use hvisd_protocol::ic::IcVersion;
 use hvisd_ring::{MappedRing, PACKET_TYPE_DATA_INBAND, PacketHeader, RingMem, SharedMapping};
@@ -107,6 +108,22 @@ impl HostSimulator {
             root: root.to_owned(),
             channels: HashMap::new(),
         }
+    }
+
+    /// Adds a channel the host already has open by other means (a uio test rig, say), so scripts can
+    /// address it by `name`. `dir` is where its `ring` file lives (for `corrupt_ring`).
+    pub fn attach(&mut self, name: &str, service: ServiceKind, channel: Channel, dir: &Path, ring_size: u32) {
+        self.channels.insert(
+            name.to_owned(),
+            HostChannel {
+                service,
+                channel,
+                dir: dir.to_owned(),
+                ring_size,
+                ic: IcHost::new(service.message_type(), ic_host::offers::FRAMEWORK, &[]),
+                next_request_id: 1,
+            },
+        );
     }
 
     /// Runs every action of `script` in order and returns the transcript. A failed action is
@@ -390,6 +407,118 @@ impl HostSimulator {
                 tokio::time::sleep(Duration::from_millis(*ms)).await;
                 Ok(())
             }
+            Action::KvpSet {
+                name,
+                pool,
+                key,
+                value,
+                value_type,
+            } => {
+                let pool = pool.wire().map_err(SimError::BadArgument)?;
+                let value = kvp_value(value, value_type)?;
+                entry.insert("name".into(), json!(name));
+                entry.insert("sent".into(), json!({"pool": pool, "key": key, "type": value_type}));
+                let request = KvpRequest::Set {
+                    pool,
+                    key: key.encode_utf16().collect(),
+                    value,
+                };
+                let reply = self.request(name, &request.build(), timeout).await?;
+                entry.insert("status".into(), status_json(reply.status));
+                Ok(())
+            }
+            Action::KvpGet { name, pool, key } => {
+                let pool = pool.wire().map_err(SimError::BadArgument)?;
+                entry.insert("name".into(), json!(name));
+                entry.insert("sent".into(), json!({"pool": pool, "key": key}));
+                let request = KvpRequest::Get {
+                    pool,
+                    key: key.encode_utf16().collect(),
+                };
+                let reply = self.request(name, &request.build(), timeout).await?;
+                entry.insert("status".into(), status_json(reply.status));
+                if reply.status == 0 {
+                    entry.insert("received".into(), kvp_reply_json(KvpOperation::GET, &reply.body)?);
+                }
+                Ok(())
+            }
+            Action::KvpDelete { name, pool, key } => {
+                let pool = pool.wire().map_err(SimError::BadArgument)?;
+                entry.insert("name".into(), json!(name));
+                entry.insert("sent".into(), json!({"pool": pool, "key": key}));
+                let request = KvpRequest::Delete {
+                    pool,
+                    key: key.encode_utf16().collect(),
+                };
+                let reply = self.request(name, &request.build(), timeout).await?;
+                entry.insert("status".into(), status_json(reply.status));
+                Ok(())
+            }
+            Action::KvpEnumerate { name, pool, max } => {
+                let pool = pool.wire().map_err(SimError::BadArgument)?;
+                entry.insert("name".into(), json!(name));
+                entry.insert("pool".into(), json!(pool));
+                let mut records = Vec::new();
+                let mut last_status = 0;
+                for index in 0..*max {
+                    let request = KvpRequest::Enumerate { pool, index };
+                    let reply = self.request(name, &request.build(), timeout).await?;
+                    last_status = reply.status;
+                    if reply.status != 0 {
+                        break;
+                    }
+                    records.push(kvp_reply_json(KvpOperation::ENUMERATE, &reply.body)?);
+                }
+                entry.insert("count".into(), json!(records.len()));
+                entry.insert("records".into(), json!(records));
+                entry.insert("end_status".into(), status_json(last_status));
+                Ok(())
+            }
+            Action::KvpGetIpInfo { name, mac, family } => {
+                let addr_family = match family.as_str() {
+                    "ipv4" => kvp::ADDR_FAMILY_IPV4,
+                    "ipv6" => kvp::ADDR_FAMILY_IPV6,
+                    "both" => kvp::ADDR_FAMILY_IPV4 | kvp::ADDR_FAMILY_IPV6,
+                    other => return Err(SimError::BadArgument(format!("family {other:?}: ipv4, ipv6 or both"))),
+                };
+                entry.insert("name".into(), json!(name));
+                entry.insert("sent".into(), json!({"mac": mac, "family": family}));
+                let request = KvpRequest::GetIpInfo(IpInfoUtf16 {
+                    adapter_id: mac.encode_utf16().collect(),
+                    addr_family,
+                    ..Default::default()
+                });
+                let reply = self.request(name, &request.build(), timeout).await?;
+                entry.insert("status".into(), status_json(reply.status));
+                if reply.status == 0 {
+                    entry.insert("received".into(), kvp_reply_json(KvpOperation::GET_IP_INFO, &reply.body)?);
+                }
+                Ok(())
+            }
+            Action::KvpSetIpInfo {
+                name,
+                adapter_id,
+                dhcp,
+                addresses,
+                masks,
+                gateways,
+                dns,
+            } => {
+                entry.insert("name".into(), json!(name));
+                entry.insert("sent".into(), json!({"adapter_id": adapter_id, "dhcp": dhcp, "addresses": addresses}));
+                let request = KvpRequest::SetIpInfo(IpInfoUtf16 {
+                    adapter_id: adapter_id.encode_utf16().collect(),
+                    addr_family: kvp::ADDR_FAMILY_IPV4 | kvp::ADDR_FAMILY_IPV6,
+                    dhcp_enabled: u8::from(*dhcp),
+                    ip_addr: addresses.encode_utf16().collect(),
+                    sub_net: masks.encode_utf16().collect(),
+                    gate_way: gateways.encode_utf16().collect(),
+                    dns_addr: dns.encode_utf16().collect(),
+                });
+                let reply = self.request(name, &request.build(), timeout).await?;
+                entry.insert("status".into(), status_json(reply.status));
+                Ok(())
+            }
             Action::Crash => {
                 // A host that dies leaves its files and sockets behind; the guest must cope.
                 std::process::exit(101);
@@ -530,6 +659,48 @@ fn status_json(status: u32) -> Value {
     }
 }
 
+fn kvp_value(value: &Value, value_type: &str) -> Result<KvpValue, SimError> {
+    let bad = |why: &str| SimError::BadArgument(format!("kvp value {value}: {why}"));
+    match value_type {
+        "string" => match value {
+            Value::String(s) => Ok(KvpValue::String(s.encode_utf16().collect())),
+            _ => Err(bad("type string needs a JSON string")),
+        },
+        "u32" => value
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(KvpValue::U32)
+            .ok_or_else(|| bad("type u32 needs a number from 0 to 4294967295")),
+        "u64" => value.as_u64().map(KvpValue::U64).ok_or_else(|| bad("type u64 needs a non-negative number")),
+        other => Err(SimError::BadArgument(format!("kvp type {other:?}: string, u32 or u64"))),
+    }
+}
+
+fn kvp_reply_json(op: KvpOperation, body: &[u8]) -> Result<Value, SimError> {
+    let view = KvpReplyView::parse(op, body).map_err(|e| SimError::BadReply(e.to_string()))?;
+    let utf16 = |units: &[u16]| String::from_utf16_lossy(units);
+    Ok(match view {
+        KvpReplyView::Entry { value_type, key, value } => {
+            let kind = match value_type {
+                kvp::REG_U32 => "u32",
+                kvp::REG_U64 => "u64",
+                _ => "string",
+            };
+            json!({"key": key, "value": value, "type": kind})
+        }
+        KvpReplyView::IpInfo(info) => json!({
+            "adapter_id": utf16(&info.adapter_id),
+            "addr_family": info.addr_family,
+            "dhcp_enabled": info.dhcp_enabled != 0,
+            "addresses": utf16(&info.ip_addr),
+            "masks": utf16(&info.sub_net),
+            "gateways": utf16(&info.gate_way),
+            "dns": utf16(&info.dns_addr),
+        }),
+        KvpReplyView::Empty => Value::Null,
+    })
+}
+
 fn parse_versions(given: Option<&[String]>, default: &[IcVersion]) -> Result<Vec<IcVersion>, SimError> {
     let Some(given) = given else {
         return Ok(default.to_vec());
@@ -578,6 +749,23 @@ pub fn random_guid() -> Guid {
     Guid::from_bytes(bytes)
 }
 
+/// Points the simulated guest's KVP files inside `root`: the simulator must not touch this machine's
+/// `/var/lib/hyperv` or run its network scripts. SET_IP_INFO runs a script that only records its
+/// arguments in `root/set_ifconfig.log`.
+fn sandbox_kvp_paths(config: &mut Config, root: &Path) -> std::io::Result<()> {
+    let kvp_dir = root.join("guest-kvp");
+    std::fs::create_dir_all(&kvp_dir)?;
+    let script = kvp_dir.join("hv_set_ifconfig");
+    let log = kvp_dir.join("set_ifconfig.log");
+    std::fs::write(&script, format!("#!/bin/sh\necho \"$@\" >> '{}'\n", log.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    config.kvp.pool_dir = kvp_dir.clone();
+    config.kvp.ifcfg_dir = kvp_dir.clone();
+    config.kvp.set_ifconfig = script;
+    Ok(())
+}
+
 /// Runs `script` against an in-process guest runtime on a fresh shm root (a temporary directory, or
 /// `root` if given). The runtime's shutdown action is forced to "log only": the simulator never
 /// powers anything off.
@@ -594,8 +782,10 @@ pub async fn run_embedded(script: &Script, root: Option<&Path>, mut config: Conf
         }
     };
     config.shutdown = Default::default();
+    sandbox_kvp_paths(&mut config, &root)?;
+    let services = Services::new(config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let runtime = tokio::spawn(crate::runtime::run_shm(ShmRoot::new(&root), Services::new(config), stop_rx));
+    let runtime = tokio::spawn(crate::runtime::run_shm(ShmRoot::new(&root), services, stop_rx));
     let mut host = HostSimulator::new(&root);
     let transcript = host.run(script).await;
     let _ = stop_tx.send(true);

@@ -155,6 +155,123 @@ pub enum Action {
     },
     /// Leave the process at once, as a crashing host would: nothing is cleaned up.
     Crash,
+    /// KVP SET.
+    KvpSet {
+        /// The channel (default `kvp`).
+        #[serde(default = "kvp_name")]
+        name: String,
+        /// Pool name (external, guest, auto, auto-external, auto-internal) or wire number (any u8).
+        pool: PoolArg,
+        /// The key.
+        key: String,
+        /// The value: a string for `string`, a number for `u32`/`u64`.
+        value: serde_json::Value,
+        /// `string` (REG_SZ, default), `u32` (REG_U32) or `u64` (REG_U64).
+        #[serde(default = "string_type", rename = "type")]
+        value_type: String,
+    },
+    /// KVP GET.
+    KvpGet {
+        /// The channel (default `kvp`).
+        #[serde(default = "kvp_name")]
+        name: String,
+        /// Pool.
+        pool: PoolArg,
+        /// The key.
+        key: String,
+    },
+    /// KVP DELETE.
+    KvpDelete {
+        /// The channel (default `kvp`).
+        #[serde(default = "kvp_name")]
+        name: String,
+        /// Pool.
+        pool: PoolArg,
+        /// The key.
+        key: String,
+    },
+    /// KVP ENUMERATE from index 0 until the guest answers anything but success.
+    KvpEnumerate {
+        /// The channel (default `kvp`).
+        #[serde(default = "kvp_name")]
+        name: String,
+        /// Pool.
+        pool: PoolArg,
+        /// At most this many requests.
+        #[serde(default = "enumerate_max")]
+        max: u32,
+    },
+    /// KVP GET_IP_INFO for the adapter with this MAC.
+    KvpGetIpInfo {
+        /// The channel (default `kvp`).
+        #[serde(default = "kvp_name")]
+        name: String,
+        /// MAC address as Hyper-V writes it (`00:15:5D:...` or `00-15-5D-...`).
+        mac: String,
+        /// `ipv4`, `ipv6` or `both` (default).
+        #[serde(default = "both")]
+        family: String,
+    },
+    /// KVP SET_IP_INFO for the adapter with this id.
+    KvpSetIpInfo {
+        /// The channel (default `kvp`).
+        #[serde(default = "kvp_name")]
+        name: String,
+        /// The adapter id (a GUID as Hyper-V sends it, or a MAC).
+        adapter_id: String,
+        /// DHCP on or off.
+        #[serde(default)]
+        dhcp: bool,
+        /// Addresses, `;`-separated.
+        #[serde(default)]
+        addresses: String,
+        /// Masks, `;`-separated.
+        #[serde(default)]
+        masks: String,
+        /// Gateways, `;`-separated.
+        #[serde(default)]
+        gateways: String,
+        /// DNS servers, `;`-separated.
+        #[serde(default)]
+        dns: String,
+    },
+}
+
+/// A KVP pool in a script: a name, or a raw wire number (hostile tests send 5..255).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PoolArg {
+    /// The wire number as sent.
+    Number(u8),
+    /// An operator's name.
+    Name(String),
+}
+
+impl PoolArg {
+    /// The byte sent on the wire.
+    pub fn wire(&self) -> Result<u8, String> {
+        match self {
+            PoolArg::Number(n) => Ok(*n),
+            PoolArg::Name(name) => hvisd_protocol::kvp::Pool::parse(name)
+                .map(|p| p.number())
+                .ok_or_else(|| {
+                    format!("unknown pool {name:?}: external, guest, auto, auto-external, auto-internal or 0-255")
+                }),
+        }
+    }
+}
+
+fn kvp_name() -> String {
+    "kvp".into()
+}
+fn string_type() -> String {
+    "string".into()
+}
+fn enumerate_max() -> u32 {
+    1000
+}
+fn both() -> String {
+    "both".into()
 }
 
 fn yes() -> bool {
@@ -192,6 +309,12 @@ impl Action {
             Action::Rescind { .. } => "rescind",
             Action::Sleep { .. } => "sleep",
             Action::Crash => "crash",
+            Action::KvpSet { .. } => "kvp_set",
+            Action::KvpGet { .. } => "kvp_get",
+            Action::KvpDelete { .. } => "kvp_delete",
+            Action::KvpEnumerate { .. } => "kvp_enumerate",
+            Action::KvpGetIpInfo { .. } => "kvp_get_ip_info",
+            Action::KvpSetIpInfo { .. } => "kvp_set_ip_info",
         }
     }
 }
