@@ -46,6 +46,10 @@ pub struct KvpSection {
     /// The script that says whether an interface uses DHCP.
     #[serde(default = "default_get_dhcp_info")]
     pub get_dhcp_info: PathBuf,
+    /// Where network interfaces are listed (`/sys/class/net`); SET_IP_INFO finds the adapter by
+    /// its `device/device_id` here, as `hv_kvp_daemon` does.
+    #[serde(default = "default_sysfs_net")]
+    pub sysfs_net_dir: PathBuf,
     /// How long one host request may wait for plugin-provided values, in milliseconds.
     #[serde(default = "default_plugin_deadline_ms")]
     pub plugin_key_deadline_ms: u64,
@@ -69,6 +73,9 @@ fn default_get_dns_info() -> PathBuf {
 fn default_get_dhcp_info() -> PathBuf {
     "/usr/libexec/hypervkvpd/hv_get_dhcp_info".into()
 }
+fn default_sysfs_net() -> PathBuf {
+    "/sys/class/net".into()
+}
 fn default_plugin_deadline_ms() -> u64 {
     100
 }
@@ -91,6 +98,7 @@ impl KvpSection {
             ..Default::default()
         };
         config.net.config_dir = self.ifcfg_dir.clone();
+        config.net.sysfs_net_dir = self.sysfs_net_dir.clone();
         config.net.set_ifconfig_script = self.set_ifconfig.clone();
         config.net.get_dns_info_script = self.get_dns_info.clone();
         config.net.get_dhcp_info_script = self.get_dhcp_info.clone();
