@@ -7,9 +7,10 @@
 //! socket and rewrites `/var/lib/hyperv` paths into a temporary directory. Nothing else of the C
 //! daemon is changed. (Only hv_kvp_daemon is run; hv_vss_daemon never is.)
 //!
-//! Ignored by default: it needs the binary. Run it with
-//! `HVISD_C_KVP_DAEMON=/usr/sbin/hv_kvp_daemon cargo test -p hvisd-kvp --test kvp_c_daemon_differential -- --ignored`
-//! (on Debian: `apt-get install hyperv-daemons`, or `apt-get download` + `dpkg-deb -x`).
+//! It needs the C binary: `.ci/run` extracts Debian's package (`apt-get download hyperv-daemons`
+//! + `dpkg-deb -x`, nothing installed or started) and points `HVISD_C_KVP_DAEMON` at it. Under CI
+//! (`CI` set) a missing binary fails the test; on a developer's machine without it the test says
+//! so and passes, so `cargo test --workspace` works anywhere.
 
 mod common;
 
@@ -248,16 +249,22 @@ fn requests() -> Vec<(String, Box<DaemonMessage>)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Debian's hv_kvp_daemon: set HVISD_C_KVP_DAEMON and run with --ignored"]
 async fn replies_match_hv_kvp_daemon_byte_for_byte() {
     let binary = PathBuf::from(
         std::env::var("HVISD_C_KVP_DAEMON").unwrap_or_else(|_| "/usr/sbin/hv_kvp_daemon".into()),
     );
-    assert!(
-        binary.exists(),
-        "{} not found; install hyperv-daemons or set HVISD_C_KVP_DAEMON",
-        binary.display()
-    );
+    if !binary.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} not found: .ci/run extracts hyperv-daemons and sets HVISD_C_KVP_DAEMON",
+            binary.display()
+        );
+        eprintln!(
+            "SKIPPED: {} not found; set HVISD_C_KVP_DAEMON to Debian's hv_kvp_daemon to compare",
+            binary.display()
+        );
+        return;
+    }
     let work = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(work.path().join("c-pools")).unwrap();
 
