@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod async_fd;
+pub mod bench;
 pub mod channel;
 pub mod config;
 pub mod doorbell;

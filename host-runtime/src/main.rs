@@ -115,6 +115,19 @@ enum BenchCommand {
         #[arg(long, default_value_t = 128 * 4096)]
         ring_size: usize,
     },
+    /// KVP request latency and rate: enumerating a Guest pool over shm, the kernel protocol and
+    /// the codec alone, with and without plugin-provided keys.
+    Kvp {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Records in the Guest pool.
+        #[arg(long, default_value_t = 100)]
+        pool_keys: usize,
+        /// Full enumerations measured per case.
+        #[arg(long, default_value_t = 50)]
+        rounds: usize,
+    },
 }
 
 fn init_tracing(filter: Option<&str>) {
@@ -165,6 +178,11 @@ fn main() -> Result<()> {
                 repeats,
                 ring_size,
             } => bench_ring(json, repeats, ring_size),
+            BenchCommand::Kvp {
+                json,
+                pool_keys,
+                rounds,
+            } => runtime()?.block_on(bench_kvp(json, pool_keys, rounds)),
         },
     }
 }
@@ -285,6 +303,30 @@ fn kvp_cli(pool: Option<&str>, pool_dir: PathBuf, json: bool, command: KvpComman
         json,
     };
     hvisd_kvp::cli::cli(&args, &mut std::io::stdout().lock())?;
+    Ok(())
+}
+
+async fn bench_kvp(json: bool, pool_keys: usize, rounds: usize) -> Result<()> {
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let opts = hvisd_kvp::bench::KvpBenchOptions {
+        pool_keys,
+        rounds,
+        ..Default::default()
+    };
+    let cases = hvisd::bench::run_kvp_bench(&opts).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&cases)?);
+    } else {
+        println!("{:<12} {:>9} {:>11} {:>9} {:>10} {:>10} {:>12}", "path", "pool keys", "plugin keys", "requests", "p50 us", "p99 us", "requests/s");
+        for c in &cases {
+            println!(
+                "{:<12} {:>9} {:>11} {:>9} {:>10.1} {:>10.1} {:>12.0}",
+                c.path, c.pool_keys, c.plugin_keys, c.requests, c.p50_us, c.p99_us, c.requests_per_sec
+            );
+        }
+    }
     Ok(())
 }
 

@@ -105,6 +105,14 @@ impl Services {
         })
     }
 
+    /// Services around an existing KVP core (benchmarks, embedders that set up the core themselves).
+    pub fn with_kvp_core(config: Config, core: Arc<tokio::sync::Mutex<KvpCore>>) -> Self {
+        Self {
+            config: Arc::new(config),
+            kvp: Some(core),
+        }
+    }
+
     /// The shared KVP core, if KVP is enabled.
     pub fn kvp_core(&self) -> Option<&Arc<tokio::sync::Mutex<KvpCore>>> {
         self.kvp.as_ref()

@@ -88,7 +88,9 @@ impl GuestKeyProvider for Immediate {
     }
 }
 
-fn setup(
+/// A KVP core over `dir` with `opts.pool_keys` Guest-pool records and `plugin_keys` provider keys
+/// (from `opts.providers`, or an immediate in-process provider).
+pub fn setup(
     dir: &std::path::Path,
     opts: &KvpBenchOptions,
     plugin_keys: usize,
@@ -137,7 +139,8 @@ fn setup(
     Ok(core)
 }
 
-fn summarize(
+/// Turns per-request latencies and the run's wall time into a case.
+pub fn summarize(
     path: &'static str,
     opts: &KvpBenchOptions,
     plugin_keys: usize,
