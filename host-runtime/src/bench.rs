@@ -32,11 +32,18 @@ pub async fn run_kvp_bench(opts: &KvpBenchOptions) -> anyhow::Result<Vec<KvpBenc
 }
 
 /// One shm case: a runtime serving a real shm root, a host enumerating over the ring.
-pub async fn kvp_shm_case(opts: &KvpBenchOptions, plugin_keys: usize) -> anyhow::Result<KvpBenchCase> {
+pub async fn kvp_shm_case(
+    opts: &KvpBenchOptions,
+    plugin_keys: usize,
+) -> anyhow::Result<KvpBenchCase> {
     let tmp = tempfile::tempdir()?;
     let root = tmp.path().join("root");
     std::fs::create_dir(&root)?;
-    let core = Arc::new(tokio::sync::Mutex::new(setup(&tmp.path().join("pools"), opts, plugin_keys)?));
+    let core = Arc::new(tokio::sync::Mutex::new(setup(
+        &tmp.path().join("pools"),
+        opts,
+        plugin_keys,
+    )?));
     let services = Services::with_kvp_core(Config::default(), core);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let runtime = tokio::spawn(run_shm(ShmRoot::new(&root), services, stop_rx));
@@ -51,18 +58,30 @@ pub async fn kvp_shm_case(opts: &KvpBenchOptions, plugin_keys: usize) -> anyhow:
     let mut channel = shm_host::publish_offer(&root, &offer)?
         .accept(Duration::from_secs(10), "bench host kvp")
         .await?;
-    let mut ic = IcHost::new(ServiceKind::Kvp.message_type(), offers::FRAMEWORK, offers::KVP);
+    let mut ic = IcHost::new(
+        ServiceKind::Kvp.message_type(),
+        offers::FRAMEWORK,
+        offers::KVP,
+    );
     let mut next_id = 1u64;
     let mut packets = Vec::with_capacity(1);
     let mut exchange = async |payload: Vec<u8>| -> anyhow::Result<Vec<u8>> {
-        channel.send(PacketHeader::inband(next_id), &[&payload]).await?;
+        channel
+            .send(PacketHeader::inband(next_id), &[&payload])
+            .await?;
         next_id += 1;
         packets.clear();
         channel.recv_batch(&mut packets, 1).await?;
-        packets.pop().map(|p| p.payload).ok_or_else(|| anyhow::anyhow!("no reply"))
+        packets
+            .pop()
+            .map(|p| p.payload)
+            .ok_or_else(|| anyhow::anyhow!("no reply"))
     };
     let reply = exchange(ic.negotiate_request()?).await?;
-    if !matches!(ic.on_negotiate_response(&reply)?, NegotiateOutcome::Negotiated(_)) {
+    if !matches!(
+        ic.on_negotiate_response(&reply)?,
+        NegotiateOutcome::Negotiated(_)
+    ) {
         anyhow::bail!("KVP negotiation found no common version");
     }
 

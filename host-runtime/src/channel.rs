@@ -6,7 +6,9 @@
 //! empty or the outgoing ring is full, with the re-check that closes the race against the peer.
 
 use crate::doorbell::{Doorbell, DoorbellError};
-use hvisd_ring::{MappedRing, PacketHeader, RingError, RingReader, RingWriter, SharedMapping, WriteError};
+use hvisd_ring::{
+    MappedRing, PacketHeader, RingError, RingReader, RingWriter, SharedMapping, WriteError,
+};
 use std::sync::Arc;
 
 /// Which end of the channel this process plays. It decides which half of the ring file is written.
@@ -44,7 +46,9 @@ pub enum ChannelError {
         source: std::io::Error,
     },
     /// A packet we were asked to send can never fit in this ring.
-    #[error("{channel}: a {len}-byte packet can never fit this ring (at most {max} bytes of payload)")]
+    #[error(
+        "{channel}: a {len}-byte packet can never fit this ring (at most {max} bytes of payload)"
+    )]
     TooLarge {
         /// The channel's label.
         channel: String,
@@ -180,7 +184,11 @@ impl Channel {
 
     /// Receives up to `max` packets (at least one), waiting for the peer when the ring is empty.
     /// The batch is returned to the ring with one `read_index` update.
-    pub async fn recv_batch(&mut self, out: &mut Vec<OwnedPacket>, max: usize) -> Result<(), ChannelError> {
+    pub async fn recv_batch(
+        &mut self,
+        out: &mut Vec<OwnedPacket>,
+        max: usize,
+    ) -> Result<(), ChannelError> {
         loop {
             // Masked while we drain: the peer need not interrupt us for packets we are about to see.
             self.rings.reader.set_interrupt_mask(true);
@@ -212,7 +220,12 @@ impl Channel {
             }
             // Empty: unmask, then look once more, because the peer may have written between our last
             // look and the unmask and, seeing the mask set, not signalled.
-            if self.rings.reader.unmask_and_check().map_err(|e| self.ring_err(e))? {
+            if self
+                .rings
+                .reader
+                .unmask_and_check()
+                .map_err(|e| self.ring_err(e))?
+            {
                 continue;
             }
             self.wait().await?;
@@ -220,7 +233,11 @@ impl Channel {
     }
 
     /// Sends one packet, waiting for the peer to free space when the ring is full.
-    pub async fn send(&mut self, header: PacketHeader, payload: &[&[u8]]) -> Result<(), ChannelError> {
+    pub async fn send(
+        &mut self,
+        header: PacketHeader,
+        payload: &[&[u8]],
+    ) -> Result<(), ChannelError> {
         let mut pending = false;
         loop {
             let result = {
@@ -251,7 +268,11 @@ impl Channel {
                     let needed_u32 = u32::try_from(needed).unwrap_or(u32::MAX);
                     self.rings.writer.set_pending_send_size(needed_u32);
                     pending = true;
-                    let free = self.rings.writer.free_space().map_err(|e| self.ring_err(e))?;
+                    let free = self
+                        .rings
+                        .writer
+                        .free_space()
+                        .map_err(|e| self.ring_err(e))?;
                     if free <= needed {
                         self.wait().await?;
                     }

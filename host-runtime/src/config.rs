@@ -218,7 +218,9 @@ impl Config {
             path: origin.to_owned(),
             source,
         })?;
-        if config.shutdown.action == ShutdownActionName::Command && config.shutdown.command.is_empty() {
+        if config.shutdown.action == ShutdownActionName::Command
+            && config.shutdown.command.is_empty()
+        {
             return Err(ConfigError::Invalid {
                 path: origin.to_owned(),
                 field: "shutdown.command",

@@ -67,15 +67,17 @@ impl Doorbell {
     pub fn signal(&self) -> Result<(), DoorbellError> {
         let fd = self.fd.get_ref();
         let result = match self.kind {
-            DoorbellKind::Seqpacket => rustix::net::send(fd, &RING_MESSAGE, SendFlags::DONTWAIT | SendFlags::NOSIGNAL),
+            DoorbellKind::Seqpacket => {
+                rustix::net::send(fd, &RING_MESSAGE, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)
+            }
             DoorbellKind::Uio => rustix::io::write(fd, &RING_MESSAGE),
         };
         match result {
             Ok(_) => Ok(()),
             Err(rustix::io::Errno::AGAIN) => Ok(()),
-            Err(rustix::io::Errno::PIPE | rustix::io::Errno::CONNRESET | rustix::io::Errno::NOTCONN) => {
-                Err(DoorbellError::Closed)
-            }
+            Err(
+                rustix::io::Errno::PIPE | rustix::io::Errno::CONNRESET | rustix::io::Errno::NOTCONN,
+            ) => Err(DoorbellError::Closed),
             Err(e) => Err(DoorbellError::Io(e.into())),
         }
     }
@@ -91,7 +93,9 @@ impl Doorbell {
                     while self.read_one().is_ok() {}
                     return Ok(());
                 }
-                Err(DoorbellError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(DoorbellError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready()
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -101,7 +105,9 @@ impl Doorbell {
         let mut buf = [0u8; 16];
         let fd = self.fd.get_ref();
         let read = match self.kind {
-            DoorbellKind::Seqpacket => rustix::net::recv(fd, &mut buf[..], RecvFlags::DONTWAIT).map(|(_, n)| n),
+            DoorbellKind::Seqpacket => {
+                rustix::net::recv(fd, &mut buf[..], RecvFlags::DONTWAIT).map(|(_, n)| n)
+            }
             DoorbellKind::Uio => rustix::io::read(fd, &mut buf[..4]),
         };
         match read {
@@ -140,7 +146,10 @@ impl SeqpacketListener {
     pub async fn accept(&self) -> io::Result<OwnedFd> {
         loop {
             let mut guard = self.fd.readable().await?;
-            match rustix::net::accept_with(self.fd.get_ref(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+            match rustix::net::accept_with(
+                self.fd.get_ref(),
+                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            ) {
                 Ok(fd) => return Ok(fd),
                 Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
                 Err(e) => return Err(e.into()),
@@ -175,7 +184,10 @@ mod tests {
     #[tokio::test]
     async fn interrupts_are_delivered_and_coalesced() {
         let (a, b) = seqpacket_pair().unwrap();
-        let (a, b) = (Doorbell::new(a, DoorbellKind::Seqpacket).unwrap(), Doorbell::new(b, DoorbellKind::Seqpacket).unwrap());
+        let (a, b) = (
+            Doorbell::new(a, DoorbellKind::Seqpacket).unwrap(),
+            Doorbell::new(b, DoorbellKind::Seqpacket).unwrap(),
+        );
         for _ in 0..5 {
             a.signal().unwrap();
         }
@@ -200,7 +212,8 @@ mod tests {
         let path = dir.path().join("doorbell");
         let listener = SeqpacketListener::bind(&path).unwrap();
         let guest = Doorbell::connect(&path).unwrap();
-        let host = Doorbell::new(listener.accept().await.unwrap(), DoorbellKind::Seqpacket).unwrap();
+        let host =
+            Doorbell::new(listener.accept().await.unwrap(), DoorbellKind::Seqpacket).unwrap();
         guest.signal().unwrap();
         host.wait().await.unwrap();
         host.signal().unwrap();

@@ -7,7 +7,11 @@ use hvisd::services::Services;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "hvisd", version, about = "Hyper-V integration services for Linux guests")]
+#[command(
+    name = "hvisd",
+    version,
+    about = "Hyper-V integration services for Linux guests"
+)]
 struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `hvisd=debug`. Overrides RUST_LOG.
     #[arg(long, global = true)]
@@ -162,7 +166,11 @@ fn main() -> Result<()> {
         Command::Host { root, command } => match command {
             HostCommand::Script { file } => runtime()?.block_on(host_script(root, file)),
         },
-        Command::Sim { script, root, config } => {
+        Command::Sim {
+            script,
+            root,
+            config,
+        } => {
             let config = load_config(config.as_ref())?;
             runtime()?.block_on(sim(script, root, config))
         }
@@ -214,7 +222,11 @@ async fn run(transport: &str, config: Config) -> Result<()> {
     let serve = async {
         match kind {
             "kernel" => {
-                let device = if rest.is_empty() { kvp_device } else { PathBuf::from(rest) };
+                let device = if rest.is_empty() {
+                    kvp_device
+                } else {
+                    PathBuf::from(rest)
+                };
                 let Some(core) = services.kvp_core() else {
                     bail!("--transport kernel serves KVP, but [services] kvp = false");
                 };
@@ -236,8 +248,11 @@ async fn run(transport: &str, config: Config) -> Result<()> {
                     .next()
                     .filter(|s| !s.is_empty())
                     .unwrap_or(hvisd::transport::uio::DEFAULT_SYSFS_DEVICES);
-                let dev_dir = parts.next().unwrap_or(hvisd::transport::uio::DEFAULT_DEV_DIR);
-                hvisd::runtime::run_uio(devices.as_ref(), dev_dir.as_ref(), services, stop_rx).await?;
+                let dev_dir = parts
+                    .next()
+                    .unwrap_or(hvisd::transport::uio::DEFAULT_DEV_DIR);
+                hvisd::runtime::run_uio(devices.as_ref(), dev_dir.as_ref(), services, stop_rx)
+                    .await?;
                 Ok(())
             }
             other => bail!(
@@ -259,12 +274,17 @@ async fn run(transport: &str, config: Config) -> Result<()> {
 
 async fn host_script(root: PathBuf, file: PathBuf) -> Result<()> {
     let script = hvisd::sim::Script::load(&file)?;
-    std::fs::create_dir_all(&root).with_context(|| format!("creating shm root {}", root.display()))?;
+    std::fs::create_dir_all(&root)
+        .with_context(|| format!("creating shm root {}", root.display()))?;
     let mut host = hvisd::sim::HostSimulator::new(&root);
     let transcript = host.run(&script).await;
     println!("{}", serde_json::to_string_pretty(&transcript)?);
     if !transcript.ok() {
-        bail!("{} of {} host actions failed", transcript.failures(), transcript.len());
+        bail!(
+            "{} of {} host actions failed",
+            transcript.failures(),
+            transcript.len()
+        );
     }
     Ok(())
 }
@@ -277,7 +297,11 @@ async fn sim(script: Option<PathBuf>, root: Option<PathBuf>, config: Config) -> 
     let transcript = hvisd::sim::run_embedded(&script, root.as_deref(), config).await?;
     println!("{}", serde_json::to_string_pretty(&transcript)?);
     if !transcript.ok() {
-        bail!("{} of {} host actions failed", transcript.failures(), transcript.len());
+        bail!(
+            "{} of {} host actions failed",
+            transcript.failures(),
+            transcript.len()
+        );
     }
     Ok(())
 }
@@ -319,11 +343,20 @@ async fn bench_kvp(json: bool, pool_keys: usize, rounds: usize) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&cases)?);
     } else {
-        println!("{:<12} {:>9} {:>11} {:>9} {:>10} {:>10} {:>12}", "path", "pool keys", "plugin keys", "requests", "p50 us", "p99 us", "requests/s");
+        println!(
+            "{:<12} {:>9} {:>11} {:>9} {:>10} {:>10} {:>12}",
+            "path", "pool keys", "plugin keys", "requests", "p50 us", "p99 us", "requests/s"
+        );
         for c in &cases {
             println!(
                 "{:<12} {:>9} {:>11} {:>9} {:>10.1} {:>10.1} {:>12.0}",
-                c.path, c.pool_keys, c.plugin_keys, c.requests, c.p50_us, c.p99_us, c.requests_per_sec
+                c.path,
+                c.pool_keys,
+                c.plugin_keys,
+                c.requests,
+                c.p50_us,
+                c.p99_us,
+                c.requests_per_sec
             );
         }
     }

@@ -119,7 +119,9 @@ impl Offer {
                         why: "a multiple of 4096 from 8192 to 64 MiB",
                     };
                     let size: u32 = value.parse().map_err(|_| bad())?;
-                    if size % CONTROL_PAGE_SIZE != 0 || !(MIN_RING_SIZE..=MAX_RING_SIZE).contains(&size) {
+                    if !size.is_multiple_of(CONTROL_PAGE_SIZE)
+                        || !(MIN_RING_SIZE..=MAX_RING_SIZE).contains(&size)
+                    {
                         return Err(bad());
                     }
                     set_once(&mut ring_size, key, size)?;
@@ -228,7 +230,8 @@ mod tests {
 
     #[test]
     fn ignores_unknown_keys_and_blank_lines() {
-        let text = format!("class_id={KVP}\n\nfuture_key=whatever\ninstance_id={INST}\nring_size=8192\n");
+        let text =
+            format!("class_id={KVP}\n\nfuture_key=whatever\ninstance_id={INST}\nring_size=8192\n");
         let offer = Offer::parse(&text).unwrap();
         assert_eq!(offer.ring_size, 8192);
         assert_eq!(offer.pipe, PipeMode::Message);
@@ -239,7 +242,13 @@ mod tests {
         for size in ["4096", "8193", "0", "-1", "99999999999", "1e6"] {
             let text = format!("class_id={KVP}\ninstance_id={INST}\nring_size={size}\n");
             assert!(
-                matches!(Offer::parse(&text), Err(OfferError::BadValue { key: "ring_size", .. })),
+                matches!(
+                    Offer::parse(&text),
+                    Err(OfferError::BadValue {
+                        key: "ring_size",
+                        ..
+                    })
+                ),
                 "{size} accepted"
             );
         }
@@ -250,7 +259,10 @@ mod tests {
         let text = format!("class_id={KVP}\nring_size=8192\n");
         assert_eq!(Offer::parse(&text), Err(OfferError::Missing("instance_id")));
         let text = format!("class_id={KVP}\nclass_id={KVP}\ninstance_id={INST}\nring_size=8192\n");
-        assert_eq!(Offer::parse(&text), Err(OfferError::Duplicate("class_id".into())));
+        assert_eq!(
+            Offer::parse(&text),
+            Err(OfferError::Duplicate("class_id".into()))
+        );
         let text = format!("class_id={KVP}\ninstance_id={INST}\nring_size=8192\n");
         assert!(matches!(
             Offer::parse_in_dir(&text, KVP),

@@ -107,7 +107,9 @@ impl Candidate for ShmCandidate {
                     std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::WouldBlock
                 ) =>
             {
-                Err(OpenFailure::Retry(format!("host not accepting on its doorbell: {source}")))
+                Err(OpenFailure::Retry(format!(
+                    "host not accepting on its doorbell: {source}"
+                )))
             }
             Err(e) => Err(OpenFailure::Fatal(e.to_string())),
         }
@@ -129,10 +131,12 @@ impl OfferSource for UioSource {
         format!("uio devices under {}", self.devices.display())
     }
     fn scan(&self) -> std::io::Result<Vec<Result<UioDevice, String>>> {
-        Ok(crate::transport::uio::discover(&self.devices, &self.dev_dir)?
-            .into_iter()
-            .map(|r| r.map_err(|e| e.to_string()))
-            .collect())
+        Ok(
+            crate::transport::uio::discover(&self.devices, &self.dev_dir)?
+                .into_iter()
+                .map(|r| r.map_err(|e| e.to_string()))
+                .collect(),
+        )
     }
 }
 
@@ -157,7 +161,11 @@ struct OpenChannel {
 }
 
 /// Serves every offer under an shm root until `stop` turns true.
-pub async fn run_shm(root: ShmRoot, services: Services, stop: watch::Receiver<bool>) -> std::io::Result<()> {
+pub async fn run_shm(
+    root: ShmRoot,
+    services: Services,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     supervise(ShmSource(root), services, stop).await
 }
 
@@ -236,7 +244,9 @@ pub async fn supervise<S: OfferSource>(
             if !ended && !rescinded {
                 continue;
             }
-            let Some(channel) = open.remove(&id) else { continue };
+            let Some(channel) = open.remove(&id) else {
+                continue;
+            };
             if ended {
                 log_channel_end(&channel.label, channel.task.await);
             } else {
@@ -314,7 +324,9 @@ pub fn channel_label(kind: ServiceKind, instance_id: &Guid) -> String {
 fn log_channel_end(label: &str, result: Result<Result<(), ChannelError>, tokio::task::JoinError>) {
     match result {
         Ok(Ok(())) => tracing::info!(channel = %label, "channel finished"),
-        Ok(Err(ChannelError::Closed { .. })) => tracing::info!(channel = %label, "host closed the channel"),
+        Ok(Err(ChannelError::Closed { .. })) => {
+            tracing::info!(channel = %label, "host closed the channel")
+        }
         Ok(Err(e)) => tracing::error!(channel = %label, "channel closed: {e}"),
         Err(e) if e.is_cancelled() => {}
         Err(e) => tracing::error!(channel = %label, "channel task failed: {e}"),

@@ -2,11 +2,11 @@
 
 use crate::channel::{Channel, ChannelError, OwnedPacket};
 use crate::config::Config;
-use hvisd_ic::service::IcService;
 use hvisd_ic::IcGuest;
+use hvisd_ic::service::IcService;
+use hvisd_kvp::{KvpCore, KvpService};
 use hvisd_protocol::guid::Guid;
 use hvisd_ring::{PACKET_TYPE_DATA_INBAND, PacketHeader};
-use hvisd_kvp::{KvpCore, KvpService};
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 
@@ -91,9 +91,11 @@ impl Services {
     /// Services as the config enables them. Opens (and if needed creates) the KVP pools.
     pub fn new(config: Config) -> Result<Self, ServicesError> {
         let kvp = if config.services.kvp {
-            let core = KvpCore::new(config.kvp.to_kvp_config()).map_err(|source| ServicesError::KvpPools {
-                dir: config.kvp.pool_dir.display().to_string(),
-                source,
+            let core = KvpCore::new(config.kvp.to_kvp_config()).map_err(|source| {
+                ServicesError::KvpPools {
+                    dir: config.kvp.pool_dir.display().to_string(),
+                    source,
+                }
             })?;
             Some(Arc::new(tokio::sync::Mutex::new(core)))
         } else {
@@ -131,7 +133,11 @@ impl Services {
     }
 
     /// Starts serving `channel` with the service `kind`.
-    pub fn spawn(&self, kind: ServiceKind, channel: Channel) -> JoinHandle<Result<(), ChannelError>> {
+    pub fn spawn(
+        &self,
+        kind: ServiceKind,
+        channel: Channel,
+    ) -> JoinHandle<Result<(), ChannelError>> {
         let services = self.clone();
         tokio::spawn(async move { services.serve(kind, channel).await })
     }
@@ -139,11 +145,19 @@ impl Services {
     /// Serves `channel` with the service `kind` until the channel ends.
     pub async fn serve(&self, kind: ServiceKind, channel: Channel) -> Result<(), ChannelError> {
         match kind {
-            ServiceKind::Heartbeat => serve_ic(channel, hvisd_ic::heartbeat::HeartbeatService::new()).await,
-            ServiceKind::Shutdown => {
-                serve_ic(channel, hvisd_ic::shutdown::ShutdownService::new(self.config.shutdown_action())).await
+            ServiceKind::Heartbeat => {
+                serve_ic(channel, hvisd_ic::heartbeat::HeartbeatService::new()).await
             }
-            ServiceKind::TimeSync => serve_ic(channel, hvisd_ic::timesync::TimesyncService::new()).await,
+            ServiceKind::Shutdown => {
+                serve_ic(
+                    channel,
+                    hvisd_ic::shutdown::ShutdownService::new(self.config.shutdown_action()),
+                )
+                .await
+            }
+            ServiceKind::TimeSync => {
+                serve_ic(channel, hvisd_ic::timesync::TimesyncService::new()).await
+            }
             ServiceKind::Kvp => match &self.kvp {
                 Some(core) => serve_ic(channel, KvpService::new(core.clone()).await).await,
                 // kind_for never picks a disabled service; answer as if the host had gone.

@@ -101,7 +101,10 @@ impl ChildGuard {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("no {needle:?} in the log within {timeout:?}:\n{}", self.stderr());
+        panic!(
+            "no {needle:?} in the log within {timeout:?}:\n{}",
+            self.stderr()
+        );
     }
 
     /// Counts occurrences of `needle` in stderr.
@@ -139,7 +142,8 @@ impl GuestProcess {
     pub fn start_shm_with_config(root: &Path, config: &Path) -> Self {
         let transport = format!("shm:{}", root.display());
         let config = config.display().to_string();
-        let process = ChildGuard::spawn_hvisd(&["run", "--transport", &transport, "--config", &config]);
+        let process =
+            ChildGuard::spawn_hvisd(&["run", "--transport", &transport, "--config", &config]);
         process.wait_for_log("watching shm root", Duration::from_secs(30));
         Self { process }
     }
@@ -171,7 +175,9 @@ pub fn run_host_script(root: &Path, script_json: &str, timeout: Duration) -> Out
             }
         }
     }
-    child.wait_with_output().expect("collecting hvisd host output")
+    child
+        .wait_with_output()
+        .expect("collecting hvisd host output")
 }
 
 /// Parses a host transcript (the JSON array `hvisd host` prints).

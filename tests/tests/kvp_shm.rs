@@ -13,7 +13,10 @@ fn guest_config(dir: &Path, sysfs_net: Option<&Path>) -> std::path::PathBuf {
     let script = dir.join("set_ifconfig.sh");
     std::fs::write(
         &script,
-        format!("#!/bin/sh\necho \"$@\" > '{}'\n", dir.join("set_ifconfig.args").display()),
+        format!(
+            "#!/bin/sh\necho \"$@\" > '{}'\n",
+            dir.join("set_ifconfig.args").display()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -47,11 +50,19 @@ fn every_operation_on_every_pool_over_shm() {
     let root = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     let _guest = GuestProcess::start_shm_with_config(root.path(), &guest_config(data.path(), None));
-    let pools = ["external", "guest", "auto", "auto-external", "auto-internal"];
+    let pools = [
+        "external",
+        "guest",
+        "auto",
+        "auto-external",
+        "auto-internal",
+    ];
     let mut actions = Vec::new();
     for pool in pools {
         actions.push(json!({"action": "kvp_set", "pool": pool, "key": "s", "value": format!("text in {pool}")}));
-        actions.push(json!({"action": "kvp_set", "pool": pool, "key": "n32", "value": 7, "type": "u32"}));
+        actions.push(
+            json!({"action": "kvp_set", "pool": pool, "key": "n32", "value": 7, "type": "u32"}),
+        );
         actions.push(json!({"action": "kvp_set", "pool": pool, "key": "n64", "value": 1u64 << 40, "type": "u64"}));
         actions.push(json!({"action": "kvp_get", "pool": pool, "key": "s"}));
         actions.push(json!({"action": "kvp_get", "pool": pool, "key": "missing"}));
@@ -64,10 +75,22 @@ fn every_operation_on_every_pool_over_shm() {
     for (i, pool) in pools.iter().enumerate() {
         let base = 1 + i * 7;
         for step in 0..3 {
-            assert_eq!(entries[base + step]["status"], "HV_S_OK", "{pool}: {}", entries[base + step]);
+            assert_eq!(
+                entries[base + step]["status"],
+                "HV_S_OK",
+                "{pool}: {}",
+                entries[base + step]
+            );
         }
-        assert_eq!(entries[base + 3]["received"]["value"], format!("text in {pool}"));
-        assert_eq!(entries[base + 4]["status"], "HV_S_CONT", "a missing key is HV_S_CONT");
+        assert_eq!(
+            entries[base + 3]["received"]["value"],
+            format!("text in {pool}")
+        );
+        assert_eq!(
+            entries[base + 4]["status"],
+            "HV_S_CONT",
+            "a missing key is HV_S_CONT"
+        );
         assert_eq!(entries[base + 5]["status"], "HV_S_OK");
         let listed = &entries[base + 6];
         let keys: Vec<&str> = listed["records"]
@@ -83,12 +106,19 @@ fn every_operation_on_every_pool_over_shm() {
             assert_eq!(keys[0], "FullyQualifiedDomainName");
             assert_eq!(keys[9], "ProcessorArchitecture");
         } else {
-            assert_eq!(keys, ["s", "n64"], "{pool}: enumeration keeps insertion order");
+            assert_eq!(
+                keys,
+                ["s", "n64"],
+                "{pool}: enumeration keeps insertion order"
+            );
         }
         assert_eq!(listed["end_status"], "HV_S_CONT");
     }
     let last = entries.last().unwrap();
-    assert_eq!(last["status"], "HV_INVALIDARG", "pool 5 gets a clear status: {last}");
+    assert_eq!(
+        last["status"], "HV_INVALIDARG",
+        "pool 5 gets a clear status: {last}"
+    );
 
     // The operator's tool sees what the host wrote, in the files other tools share.
     let out = std::process::Command::new(hvisd_bin())
@@ -96,11 +126,24 @@ fn every_operation_on_every_pool_over_shm() {
         .arg(data.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
     let text = listed.to_string();
-    assert!(text.contains("text in external") && text.contains("1099511627776"), "{text}");
-    assert_eq!(std::fs::metadata(data.path().join(".kvp_pool_0")).unwrap().len() % 2560, 0);
+    assert!(
+        text.contains("text in external") && text.contains("1099511627776"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::metadata(data.path().join(".kvp_pool_0"))
+            .unwrap()
+            .len()
+            % 2560,
+        0
+    );
 }
 
 /// The first interface with a MAC that is not all zeros, and its IPv4 addresses.
@@ -112,7 +155,10 @@ fn this_machines_interface() -> Option<(String, Vec<String>)> {
         if mac.is_empty() || mac == "00:00:00:00:00:00" {
             continue;
         }
-        let out = std::process::Command::new("ip").args(["-4", "-o", "addr", "show", "dev", &name]).output().ok()?;
+        let out = std::process::Command::new("ip")
+            .args(["-4", "-o", "addr", "show", "dev", &name])
+            .output()
+            .ok()?;
         let addrs: Vec<String> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
@@ -141,7 +187,10 @@ fn get_ip_info_reports_this_machines_addresses() {
     assert_eq!(info["status"], "HV_S_OK", "{info}");
     let reported = info["received"]["addresses"].as_str().unwrap();
     for addr in &addrs {
-        assert!(reported.contains(addr.as_str()), "{addr} missing from {reported}");
+        assert!(
+            reported.contains(addr.as_str()),
+            "{addr} missing from {reported}"
+        );
     }
 }
 
@@ -156,7 +205,8 @@ fn set_ip_info_writes_ifcfg_for_the_adapter_and_runs_the_script() {
     std::fs::create_dir_all(sysfs.join("eth7/device")).unwrap();
     std::fs::write(sysfs.join("eth7/device/device_id"), format!("{ADAPTER}\n")).unwrap();
     std::fs::write(sysfs.join("eth7/address"), "00:15:5d:01:02:03\n").unwrap();
-    let _guest = GuestProcess::start_shm_with_config(root.path(), &guest_config(data.path(), Some(&sysfs)));
+    let _guest =
+        GuestProcess::start_shm_with_config(root.path(), &guest_config(data.path(), Some(&sysfs)));
     let entries = run(
         root.path(),
         vec![
@@ -168,8 +218,14 @@ fn set_ip_info_writes_ifcfg_for_the_adapter_and_runs_the_script() {
     assert_eq!(entries[1]["status"], "HV_S_OK", "{}", entries[1]);
     assert_eq!(entries[2]["status"], "HV_GUID_NOTFOUND", "{}", entries[2]);
     let ifcfg = std::fs::read_to_string(data.path().join("ifcfg-eth7")).unwrap();
-    assert!(ifcfg.contains("IPADDR0=192.0.2.10") && ifcfg.contains("NETMASK0=255.255.255.0"), "{ifcfg}");
+    assert!(
+        ifcfg.contains("IPADDR0=192.0.2.10") && ifcfg.contains("NETMASK0=255.255.255.0"),
+        "{ifcfg}"
+    );
     assert!(ifcfg.contains("GATEWAY=192.0.2.1"), "{ifcfg}");
     let args = std::fs::read_to_string(data.path().join("set_ifconfig.args")).unwrap();
-    assert!(args.contains("ifcfg-eth7") && args.contains("eth7.nmconnection"), "script arguments: {args:?}");
+    assert!(
+        args.contains("ifcfg-eth7") && args.contains("eth7.nmconnection"),
+        "script arguments: {args:?}"
+    );
 }

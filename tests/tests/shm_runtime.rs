@@ -50,8 +50,13 @@ fn host_and_runtime_negotiate_every_ic_and_exchange_heartbeats() {
     assert_eq!(entry(&entries, 6)["status"], "HV_S_OK");
     // The shutdown request was logged and nothing else: the guest is still running.
     let mut guest = guest;
-    guest.process.wait_for_log("shutdown", Duration::from_secs(5));
-    assert!(guest.process.is_running(), "the guest exited on a shutdown request");
+    guest
+        .process
+        .wait_for_log("shutdown", Duration::from_secs(5));
+    assert!(
+        guest.process.is_running(),
+        "the guest exited on a shutdown request"
+    );
 }
 
 #[test]
@@ -87,8 +92,14 @@ fn the_guest_survives_a_host_dying_mid_packet_and_serves_the_next_host() {
         ]"#,
         TIMEOUT,
     );
-    assert_eq!(out.status.code(), Some(101), "the host did not crash as scripted");
-    guest.process.wait_for_log("host closed the channel", Duration::from_secs(10));
+    assert_eq!(
+        out.status.code(),
+        Some(101),
+        "the host did not crash as scripted"
+    );
+    guest
+        .process
+        .wait_for_log("host closed the channel", Duration::from_secs(10));
 
     // A new host on the same root, with a new offer: the guest opens it and answers.
     let out = run_host_script(
@@ -126,7 +137,10 @@ fn a_corrupt_ring_closes_only_its_channel() {
     let entries = transcript(&out);
     assert_all_ok(&entries);
     let log = guest.process.stderr();
-    assert!(log.contains("malformed ring"), "no malformed-ring report in:\n{log}");
+    assert!(
+        log.contains("malformed ring"),
+        "no malformed-ring report in:\n{log}"
+    );
 }
 
 #[test]

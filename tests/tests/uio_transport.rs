@@ -43,24 +43,48 @@ async fn a_uio_device_found_in_sysfs_answers_negotiation_and_heartbeats() {
     // KVP is off: this test must not open the machine's /var/lib/hyperv.
     let config = Config::parse("[services]\nkvp = false\n", "uio test").unwrap();
     let services = Services::new(config).unwrap();
-    let kind = services.kind_for(&device.class_id).expect("heartbeat is served");
+    let kind = services
+        .kind_for(&device.class_id)
+        .expect("heartbeat is served");
     assert_eq!(kind, ServiceKind::Heartbeat);
 
-    let (guest_fd, host_fd) =
-        rustix::net::socketpair(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC, None)
-            .unwrap();
-    let map0 = std::fs::OpenOptions::new().read(true).write(true).open(&device.dev_path).unwrap();
+    let (guest_fd, host_fd) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let map0 = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&device.dev_path)
+        .unwrap();
     let guest = device
-        .open_with(&map0, Doorbell::new(guest_fd, DoorbellKind::Uio).unwrap(), "uio heartbeat")
+        .open_with(
+            &map0,
+            Doorbell::new(guest_fd, DoorbellKind::Uio).unwrap(),
+            "uio heartbeat",
+        )
         .unwrap();
     let guest_task = tokio::spawn(async move { services.serve(kind, guest).await });
 
     // The host maps the same memory, reads the guest-to-host ring and writes the other.
     let map = SharedMapping::map_file(&map0, 2 * RING_SIZE as usize).unwrap();
     let rings = RingPair::new(map, RING_SIZE as usize, Role::Host).unwrap();
-    let host_channel = Channel::new(rings, Doorbell::new(host_fd, DoorbellKind::Uio).unwrap(), "host uio");
+    let host_channel = Channel::new(
+        rings,
+        Doorbell::new(host_fd, DoorbellKind::Uio).unwrap(),
+        "host uio",
+    );
     let mut host = HostSimulator::new(tmp.path());
-    host.attach("heartbeat", ServiceKind::Heartbeat, host_channel, &tmp.path().join("dev"), RING_SIZE);
+    host.attach(
+        "heartbeat",
+        ServiceKind::Heartbeat,
+        host_channel,
+        &tmp.path().join("dev"),
+        RING_SIZE,
+    );
     let script = Script::parse(
         r#"[{"action": "negotiate", "name": "heartbeat"},
             {"action": "heartbeat", "count": 50, "sequence": 9}]"#,
@@ -72,7 +96,10 @@ async fn a_uio_device_found_in_sysfs_answers_negotiation_and_heartbeats() {
         assert_eq!(entry["ok"], true, "{entry}");
     }
     assert_eq!(transcript.entries()[0]["negotiated"]["message"], "3.0");
-    assert_eq!(transcript.entries()[1]["rounds"].as_array().unwrap().len(), 50);
+    assert_eq!(
+        transcript.entries()[1]["rounds"].as_array().unwrap().len(),
+        50
+    );
 
     // The guest set the pending-send-size feature bit in both control pages, as the spec asks.
     let bytes = std::fs::read(&device.dev_path).unwrap();

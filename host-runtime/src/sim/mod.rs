@@ -14,17 +14,17 @@ use crate::offer::{Offer, PipeMode};
 use crate::services::{ServiceKind, Services};
 use crate::transport::shm::ShmRoot;
 use crate::transport::shm_host;
-use hvisd_ic::host::{self as ic_host, IcHost};
 use hvisd_ic::NegotiateOutcome;
-use hvisd_protocol::ic::{heartbeat, shutdown, timesync};
-use hvisd_protocol::kvp::{self, IpInfoUtf16, KvpOperation, KvpReplyView, KvpRequest, KvpValue};
+use hvisd_ic::host::{self as ic_host, IcHost};
 use hvisd_protocol::guid::Guid;
 use hvisd_protocol::ic::IcVersion;
+use hvisd_protocol::ic::{heartbeat, shutdown, timesync};
+use hvisd_protocol::kvp::{self, IpInfoUtf16, KvpOperation, KvpReplyView, KvpRequest, KvpValue};
 use hvisd_ring::{MappedRing, PACKET_TYPE_DATA_INBAND, PacketHeader, RingMem, SharedMapping};
-use std::sync::atomic::Ordering;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// The transcript of one script run.
@@ -42,7 +42,10 @@ impl Transcript {
 
     /// How many actions failed.
     pub fn failures(&self) -> usize {
-        self.entries.iter().filter(|e| e["ok"] != json!(true)).count()
+        self.entries
+            .iter()
+            .filter(|e| e["ok"] != json!(true))
+            .count()
     }
 
     /// How many actions ran.
@@ -112,7 +115,14 @@ impl HostSimulator {
 
     /// Adds a channel the host already has open by other means (a uio test rig, say), so scripts can
     /// address it by `name`. `dir` is where its `ring` file lives (for `corrupt_ring`).
-    pub fn attach(&mut self, name: &str, service: ServiceKind, channel: Channel, dir: &Path, ring_size: u32) {
+    pub fn attach(
+        &mut self,
+        name: &str,
+        service: ServiceKind,
+        channel: Channel,
+        dir: &Path,
+        ring_size: u32,
+    ) {
         self.channels.insert(
             name.to_owned(),
             HostChannel {
@@ -137,7 +147,10 @@ impl HostSimulator {
             entry.insert("step".into(), json!(i + 1));
             entry.insert("action".into(), json!(action.kind()));
             let result = self.act(action, script, timeout, &mut entry).await;
-            entry.insert("elapsed_us".into(), json!(started.elapsed().as_micros() as u64));
+            entry.insert(
+                "elapsed_us".into(),
+                json!(started.elapsed().as_micros() as u64),
+            );
             match result {
                 Ok(()) => {
                     entry.insert("ok".into(), json!(true));
@@ -181,9 +194,9 @@ impl HostSimulator {
                     )));
                 }
                 let instance_id = match instance_id {
-                    Some(text) => text
-                        .parse()
-                        .map_err(|_| SimError::BadArgument(format!("instance_id {text:?} is not a GUID")))?,
+                    Some(text) => text.parse().map_err(|_| {
+                        SimError::BadArgument(format!("instance_id {text:?} is not a GUID"))
+                    })?,
                     None => random_guid(),
                 };
                 let offer = Offer {
@@ -205,7 +218,10 @@ impl HostSimulator {
                 let started = Instant::now();
                 let label = format!("host {} {}", kind.name(), instance_id);
                 let channel = published.accept(timeout, &label).await?;
-                entry.insert("connect_us".into(), json!(started.elapsed().as_micros() as u64));
+                entry.insert(
+                    "connect_us".into(),
+                    json!(started.elapsed().as_micros() as u64),
+                );
                 self.channels.insert(
                     name.clone(),
                     HostChannel {
@@ -231,16 +247,21 @@ impl HostSimulator {
                 self.negotiate(name, framework_versions, message_versions, timeout, entry)
                     .await
             }
-            Action::Heartbeat { name, count, sequence } => {
+            Action::Heartbeat {
+                name,
+                count,
+                sequence,
+            } => {
                 let mut rounds = Vec::new();
                 for n in 0..u64::from(*count) {
                     let seq = sequence.wrapping_add(n);
                     let started = Instant::now();
                     let mut body = vec![0u8; size_of::<heartbeat::HeartbeatMsg>()];
-                    heartbeat::write_seq_num(&mut body, seq).map_err(|e| SimError::BadArgument(e.to_string()))?;
+                    heartbeat::write_seq_num(&mut body, seq)
+                        .map_err(|e| SimError::BadArgument(e.to_string()))?;
                     let reply = self.request(name, &body, timeout).await?;
-                    let answered =
-                        heartbeat::read_seq_num(&reply.body).map_err(|e| SimError::BadReply(e.to_string()))?;
+                    let answered = heartbeat::read_seq_num(&reply.body)
+                        .map_err(|e| SimError::BadReply(e.to_string()))?;
                     rounds.push(json!({
                         "sent": seq,
                         "received": answered,
@@ -276,7 +297,10 @@ impl HostSimulator {
                 }
                 .build();
                 entry.insert("name".into(), json!(name));
-                entry.insert("sent".into(), json!({"flags": flags, "reason_code": reason_code, "message": message}));
+                entry.insert(
+                    "sent".into(),
+                    json!({"flags": flags, "reason_code": reason_code, "message": message}),
+                );
                 let reply = self.request(name, &body, timeout).await?;
                 entry.insert("status".into(), status_json(reply.status));
                 Ok(())
@@ -287,7 +311,11 @@ impl HostSimulator {
                     .ic
                     .negotiated()
                     .map(|n| n.message)
-                    .ok_or_else(|| SimError::BadArgument(format!("channel {name:?} has no negotiated versions")))?;
+                    .ok_or_else(|| {
+                        SimError::BadArgument(format!(
+                            "channel {name:?} has no negotiated versions"
+                        ))
+                    })?;
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_nanos() as i128)
@@ -301,7 +329,10 @@ impl HostSimulator {
                 };
                 let body = sample.build(version);
                 entry.insert("name".into(), json!(name));
-                entry.insert("sent".into(), json!({"flags": flags, "parent_time": sample.parent_time}));
+                entry.insert(
+                    "sent".into(),
+                    json!({"flags": flags, "parent_time": sample.parent_time}),
+                );
                 let reply = self.request(name, &body, timeout).await?;
                 entry.insert("status".into(), status_json(reply.status));
                 Ok(())
@@ -311,7 +342,9 @@ impl HostSimulator {
                 hex,
                 expect_reply,
             } => {
-                let bytes = decode_hex(hex).ok_or_else(|| SimError::BadArgument(format!("hex {hex:?} is not even-length hex")))?;
+                let bytes = decode_hex(hex).ok_or_else(|| {
+                    SimError::BadArgument(format!("hex {hex:?} is not even-length hex"))
+                })?;
                 entry.insert("name".into(), json!(name));
                 entry.insert("sent_len".into(), json!(bytes.len()));
                 let ch = self.channel(name)?;
@@ -417,7 +450,10 @@ impl HostSimulator {
                 let pool = pool.wire().map_err(SimError::BadArgument)?;
                 let value = kvp_value(value, value_type)?;
                 entry.insert("name".into(), json!(name));
-                entry.insert("sent".into(), json!({"pool": pool, "key": key, "type": value_type}));
+                entry.insert(
+                    "sent".into(),
+                    json!({"pool": pool, "key": key, "type": value_type}),
+                );
                 let request = KvpRequest::Set {
                     pool,
                     key: key.encode_utf16().collect(),
@@ -438,7 +474,10 @@ impl HostSimulator {
                 let reply = self.request(name, &request.build(), timeout).await?;
                 entry.insert("status".into(), status_json(reply.status));
                 if reply.status == 0 {
-                    entry.insert("received".into(), kvp_reply_json(KvpOperation::GET, &reply.body)?);
+                    entry.insert(
+                        "received".into(),
+                        kvp_reply_json(KvpOperation::GET, &reply.body)?,
+                    );
                 }
                 Ok(())
             }
@@ -479,7 +518,11 @@ impl HostSimulator {
                     "ipv4" => kvp::ADDR_FAMILY_IPV4,
                     "ipv6" => kvp::ADDR_FAMILY_IPV6,
                     "both" => kvp::ADDR_FAMILY_IPV4 | kvp::ADDR_FAMILY_IPV6,
-                    other => return Err(SimError::BadArgument(format!("family {other:?}: ipv4, ipv6 or both"))),
+                    other => {
+                        return Err(SimError::BadArgument(format!(
+                            "family {other:?}: ipv4, ipv6 or both"
+                        )));
+                    }
                 };
                 entry.insert("name".into(), json!(name));
                 entry.insert("sent".into(), json!({"mac": mac, "family": family}));
@@ -491,7 +534,10 @@ impl HostSimulator {
                 let reply = self.request(name, &request.build(), timeout).await?;
                 entry.insert("status".into(), status_json(reply.status));
                 if reply.status == 0 {
-                    entry.insert("received".into(), kvp_reply_json(KvpOperation::GET_IP_INFO, &reply.body)?);
+                    entry.insert(
+                        "received".into(),
+                        kvp_reply_json(KvpOperation::GET_IP_INFO, &reply.body)?,
+                    );
                 }
                 Ok(())
             }
@@ -505,7 +551,10 @@ impl HostSimulator {
                 dns,
             } => {
                 entry.insert("name".into(), json!(name));
-                entry.insert("sent".into(), json!({"adapter_id": adapter_id, "dhcp": dhcp, "addresses": addresses}));
+                entry.insert(
+                    "sent".into(),
+                    json!({"adapter_id": adapter_id, "dhcp": dhcp, "addresses": addresses}),
+                );
                 let request = KvpRequest::SetIpInfo(IpInfoUtf16 {
                     adapter_id: adapter_id.encode_utf16().collect(),
                     addr_family: kvp::ADDR_FAMILY_IPV4 | kvp::ADDR_FAMILY_IPV6,
@@ -542,16 +591,22 @@ impl HostSimulator {
     ) -> Result<(), SimError> {
         let ch = self.channel(name)?;
         let message_type = ch.service.message_type();
-        let default_msg = ic_host::offers::for_message_type(message_type)
-            .ok_or_else(|| SimError::BadArgument(format!("no IC versions known for {}", ch.service.name())))?;
+        let default_msg = ic_host::offers::for_message_type(message_type).ok_or_else(|| {
+            SimError::BadArgument(format!("no IC versions known for {}", ch.service.name()))
+        })?;
         let fw = parse_versions(framework_versions.as_deref(), ic_host::offers::FRAMEWORK)?;
         let msg = parse_versions(message_versions.as_deref(), default_msg)?;
         ch.ic = IcHost::new(message_type, &fw, &msg);
-        let request = ch.ic.negotiate_request().map_err(|e| SimError::BadArgument(e.to_string()))?;
+        let request = ch
+            .ic
+            .negotiate_request()
+            .map_err(|e| SimError::BadArgument(e.to_string()))?;
         let id = ch.next_request_id;
         ch.next_request_id += 1;
         let started = Instant::now();
-        ch.channel.send(PacketHeader::inband(id), &[&request]).await?;
+        ch.channel
+            .send(PacketHeader::inband(id), &[&request])
+            .await?;
         let packet = recv_one(&mut ch.channel, timeout).await?;
         check_echo(&packet, id)?;
         let outcome = ch
@@ -566,7 +621,10 @@ impl HostSimulator {
                 "message": msg.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
             }),
         );
-        entry.insert("negotiate_rtt_us".into(), json!(started.elapsed().as_micros() as u64));
+        entry.insert(
+            "negotiate_rtt_us".into(),
+            json!(started.elapsed().as_micros() as u64),
+        );
         match outcome {
             NegotiateOutcome::Negotiated(n) => {
                 entry.insert(
@@ -583,18 +641,33 @@ impl HostSimulator {
     }
 
     /// Sends one service message on a negotiated channel and returns the checked reply.
-    async fn request(&mut self, name: &str, body: &[u8], timeout: Duration) -> Result<OwnedReply, SimError> {
+    async fn request(
+        &mut self,
+        name: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<OwnedReply, SimError> {
         let ch = self.channel(name)?;
         if ch.ic.negotiated().is_none() {
-            return Err(SimError::BadArgument(format!("channel {name:?} has no negotiated versions")));
+            return Err(SimError::BadArgument(format!(
+                "channel {name:?} has no negotiated versions"
+            )));
         }
-        let request = ch.ic.request(body).map_err(|e| SimError::BadArgument(e.to_string()))?;
+        let request = ch
+            .ic
+            .request(body)
+            .map_err(|e| SimError::BadArgument(e.to_string()))?;
         let id = ch.next_request_id;
         ch.next_request_id += 1;
-        ch.channel.send(PacketHeader::inband(id), &[&request]).await?;
+        ch.channel
+            .send(PacketHeader::inband(id), &[&request])
+            .await?;
         let packet = recv_one(&mut ch.channel, timeout).await?;
         check_echo(&packet, id)?;
-        let reply = ch.ic.on_reply(&packet.payload).map_err(|e| SimError::BadReply(e.to_string()))?;
+        let reply = ch
+            .ic
+            .on_reply(&packet.payload)
+            .map_err(|e| SimError::BadReply(e.to_string()))?;
         Ok(OwnedReply {
             status: reply.status,
             body: reply.body.to_vec(),
@@ -641,7 +714,10 @@ async fn recv_one(channel: &mut Channel, timeout: Duration) -> Result<OwnedPacke
 
 fn check_echo(packet: &OwnedPacket, id: u64) -> Result<(), SimError> {
     if packet.packet_type != PACKET_TYPE_DATA_INBAND {
-        return Err(SimError::BadReply(format!("packet type {} instead of in-band", packet.packet_type)));
+        return Err(SimError::BadReply(format!(
+            "packet type {} instead of in-band",
+            packet.packet_type
+        )));
     }
     if packet.transaction_id != id {
         return Err(SimError::BadReply(format!(
@@ -671,8 +747,13 @@ fn kvp_value(value: &Value, value_type: &str) -> Result<KvpValue, SimError> {
             .and_then(|n| u32::try_from(n).ok())
             .map(KvpValue::U32)
             .ok_or_else(|| bad("type u32 needs a number from 0 to 4294967295")),
-        "u64" => value.as_u64().map(KvpValue::U64).ok_or_else(|| bad("type u64 needs a non-negative number")),
-        other => Err(SimError::BadArgument(format!("kvp type {other:?}: string, u32 or u64"))),
+        "u64" => value
+            .as_u64()
+            .map(KvpValue::U64)
+            .ok_or_else(|| bad("type u64 needs a non-negative number")),
+        other => Err(SimError::BadArgument(format!(
+            "kvp type {other:?}: string, u32 or u64"
+        ))),
     }
 }
 
@@ -680,7 +761,11 @@ fn kvp_reply_json(op: KvpOperation, body: &[u8]) -> Result<Value, SimError> {
     let view = KvpReplyView::parse(op, body).map_err(|e| SimError::BadReply(e.to_string()))?;
     let utf16 = |units: &[u16]| String::from_utf16_lossy(units);
     Ok(match view {
-        KvpReplyView::Entry { value_type, key, value } => {
+        KvpReplyView::Entry {
+            value_type,
+            key,
+            value,
+        } => {
             let kind = match value_type {
                 kvp::REG_U32 => "u32",
                 kvp::REG_U64 => "u64",
@@ -701,7 +786,10 @@ fn kvp_reply_json(op: KvpOperation, body: &[u8]) -> Result<Value, SimError> {
     })
 }
 
-fn parse_versions(given: Option<&[String]>, default: &[IcVersion]) -> Result<Vec<IcVersion>, SimError> {
+fn parse_versions(
+    given: Option<&[String]>,
+    default: &[IcVersion],
+) -> Result<Vec<IcVersion>, SimError> {
     let Some(given) = given else {
         return Ok(default.to_vec());
     };
@@ -711,7 +799,9 @@ fn parse_versions(given: Option<&[String]>, default: &[IcVersion]) -> Result<Vec
             let (major, minor) = text.split_once('.').unwrap_or((text.as_str(), "0"));
             match (major.parse(), minor.parse()) {
                 (Ok(major), Ok(minor)) => Ok(IcVersion::new(major, minor)),
-                _ => Err(SimError::BadArgument(format!("version {text:?} is not MAJOR.MINOR"))),
+                _ => Err(SimError::BadArgument(format!(
+                    "version {text:?} is not MAJOR.MINOR"
+                ))),
             }
         })
         .collect()
@@ -719,7 +809,7 @@ fn parse_versions(given: Option<&[String]>, default: &[IcVersion]) -> Result<Vec
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
     let text: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
@@ -737,7 +827,9 @@ pub fn random_guid() -> Guid {
     let mut bytes = [0u8; 16];
     // getrandom(2) through rustix; without it, fall back to time and pid, which is unique enough for
     // instance ids on one root.
-    if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).map(|n| n == 16) != Ok(true) {
+    if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).map(|n| n == 16)
+        != Ok(true)
+    {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -757,7 +849,10 @@ fn sandbox_kvp_paths(config: &mut Config, root: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(&kvp_dir)?;
     let script = kvp_dir.join("hv_set_ifconfig");
     let log = kvp_dir.join("set_ifconfig.log");
-    std::fs::write(&script, format!("#!/bin/sh\necho \"$@\" >> '{}'\n", log.display()))?;
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\necho \"$@\" >> '{}'\n", log.display()),
+    )?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
     config.kvp.pool_dir = kvp_dir.clone();
@@ -769,7 +864,11 @@ fn sandbox_kvp_paths(config: &mut Config, root: &Path) -> std::io::Result<()> {
 /// Runs `script` against an in-process guest runtime on a fresh shm root (a temporary directory, or
 /// `root` if given). The runtime's shutdown action is forced to "log only": the simulator never
 /// powers anything off.
-pub async fn run_embedded(script: &Script, root: Option<&Path>, mut config: Config) -> anyhow::Result<Transcript> {
+pub async fn run_embedded(
+    script: &Script,
+    root: Option<&Path>,
+    mut config: Config,
+) -> anyhow::Result<Transcript> {
     let tmp;
     let root = match root {
         Some(root) => {
@@ -785,7 +884,11 @@ pub async fn run_embedded(script: &Script, root: Option<&Path>, mut config: Conf
     sandbox_kvp_paths(&mut config, &root)?;
     let services = Services::new(config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let runtime = tokio::spawn(crate::runtime::run_shm(ShmRoot::new(&root), services, stop_rx));
+    let runtime = tokio::spawn(crate::runtime::run_shm(
+        ShmRoot::new(&root),
+        services,
+        stop_rx,
+    ));
     let mut host = HostSimulator::new(&root);
     let transcript = host.run(script).await;
     let _ = stop_tx.send(true);

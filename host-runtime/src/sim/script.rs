@@ -355,25 +355,29 @@ impl Script {
     pub fn parse(text: &str, origin: &str) -> Result<Self, ScriptError> {
         // Parse as a value first so that an error in one action is reported with its index, rather
         // than serde's "did not match any variant of untagged enum".
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ScriptError::Parse {
-            path: origin.to_owned(),
-            why: e.to_string(),
-        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ScriptError::Parse {
+                path: origin.to_owned(),
+                why: e.to_string(),
+            })?;
         let actions = match &value {
             serde_json::Value::Array(items) => items.as_slice(),
-            serde_json::Value::Object(map) => match map.get("actions") {
-                Some(serde_json::Value::Array(items)) => items.as_slice(),
-                _ => {
-                    return Err(ScriptError::Parse {
+            serde_json::Value::Object(map) => {
+                match map.get("actions") {
+                    Some(serde_json::Value::Array(items)) => items.as_slice(),
+                    _ => {
+                        return Err(ScriptError::Parse {
                         path: origin.to_owned(),
                         why: "a script is an array of actions or an object with an \"actions\" array".into(),
                     });
+                    }
                 }
-            },
+            }
             _ => {
                 return Err(ScriptError::Parse {
                     path: origin.to_owned(),
-                    why: "a script is an array of actions or an object with an \"actions\" array".into(),
+                    why: "a script is an array of actions or an object with an \"actions\" array"
+                        .into(),
                 });
             }
         };
@@ -381,7 +385,11 @@ impl Script {
             if let Err(e) = Action::deserialize(item) {
                 return Err(ScriptError::Parse {
                     path: origin.to_owned(),
-                    why: format!("action {} ({}): {e}", i + 1, item.get("action").unwrap_or(&serde_json::Value::Null)),
+                    why: format!(
+                        "action {} ({}): {e}",
+                        i + 1,
+                        item.get("action").unwrap_or(&serde_json::Value::Null)
+                    ),
                 });
             }
         }
@@ -427,7 +435,8 @@ mod tests {
 
     #[test]
     fn typos_are_reported_with_the_action_index() {
-        let err = Script::parse(r#"[{"action":"sleep","ms":5},{"action":"heartbeet"}]"#, "t").unwrap_err();
+        let err = Script::parse(r#"[{"action":"sleep","ms":5},{"action":"heartbeet"}]"#, "t")
+            .unwrap_err();
         assert!(err.to_string().contains("action 2"), "{err}");
         let err = Script::parse(r#"[{"action":"sleep","msec":5}]"#, "t").unwrap_err();
         assert!(err.to_string().contains("msec"), "{err}");

@@ -76,7 +76,10 @@ pub enum ShmError {
 }
 
 /// Wraps an I/O error with what was being done to which path.
-pub(crate) fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ShmError + 'a {
+pub(crate) fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> ShmError + 'a {
     move |source| ShmError::Io {
         what,
         path: path.to_owned(),
@@ -135,7 +138,10 @@ impl ShmRoot {
             .write(true)
             .open(&ring_path)
             .map_err(io_err("opening", &ring_path))?;
-        let actual = file.metadata().map_err(io_err("reading metadata of", &ring_path))?.len();
+        let actual = file
+            .metadata()
+            .map_err(io_err("reading metadata of", &ring_path))?
+            .len();
         let expected = found.offer.ring_file_len();
         if actual != expected {
             return Err(ShmError::RingFileSize {
@@ -155,7 +161,8 @@ impl ShmRoot {
         let rings = RingPair::new(map, ring_size, Role::Guest).map_err(ring_err)?;
         rings.set_feature_bits();
         let doorbell_path = found.dir.join("doorbell");
-        let doorbell = Doorbell::connect(&doorbell_path).map_err(io_err("connecting to", &doorbell_path))?;
+        let doorbell =
+            Doorbell::connect(&doorbell_path).map_err(io_err("connecting to", &doorbell_path))?;
         Ok(Channel::new(rings, doorbell, label))
     }
 }
@@ -167,7 +174,9 @@ fn read_offer(dir: &Path, name: &str) -> Result<Option<FoundOffer>, ShmError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("opening", &path)(e)),
     };
-    let meta = file.metadata().map_err(io_err("reading metadata of", &path))?;
+    let meta = file
+        .metadata()
+        .map_err(io_err("reading metadata of", &path))?;
     if meta.len() > MAX_OFFER_FILE_LEN {
         return Err(ShmError::OfferTooLarge {
             dir: dir.to_owned(),

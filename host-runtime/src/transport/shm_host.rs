@@ -32,7 +32,8 @@ pub fn publish_offer(root: &Path, offer: &Offer) -> Result<PublishedOffer, ShmEr
         .create_new(true)
         .open(&ring_path)
         .map_err(io_err("creating", &ring_path))?;
-    file.set_len(offer.ring_file_len()).map_err(io_err("sizing", &ring_path))?;
+    file.set_len(offer.ring_file_len())
+        .map_err(io_err("sizing", &ring_path))?;
     let ring_size = offer.ring_size as usize;
     let ring_err = |source| ShmError::Ring {
         dir: dir.clone(),
@@ -41,7 +42,8 @@ pub fn publish_offer(root: &Path, offer: &Offer) -> Result<PublishedOffer, ShmEr
     let map = SharedMapping::map_file(&file, 2 * ring_size).map_err(ring_err)?;
     let rings = RingPair::new(map, ring_size, Role::Host).map_err(ring_err)?;
     let doorbell_path = dir.join("doorbell");
-    let listener = SeqpacketListener::bind(&doorbell_path).map_err(io_err("binding", &doorbell_path))?;
+    let listener =
+        SeqpacketListener::bind(&doorbell_path).map_err(io_err("binding", &doorbell_path))?;
     let tmp = dir.join(".offer.tmp");
     std::fs::write(&tmp, offer.to_text()).map_err(io_err("writing", &tmp))?;
     let offer_path = dir.join("offer");
@@ -63,10 +65,14 @@ impl PublishedOffer {
             .map_err(|_| ShmError::Io {
                 what: "waiting for the guest to connect to",
                 path: doorbell_path.clone(),
-                source: io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {timeout:?}")),
+                source: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {timeout:?}"),
+                ),
             })?
             .map_err(io_err("accepting on", &doorbell_path))?;
-        let doorbell = Doorbell::new(fd, DoorbellKind::Seqpacket).map_err(io_err("registering", &doorbell_path))?;
+        let doorbell = Doorbell::new(fd, DoorbellKind::Seqpacket)
+            .map_err(io_err("registering", &doorbell_path))?;
         Ok(Channel::new(self.rings, doorbell, label))
     }
 }

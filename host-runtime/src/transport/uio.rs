@@ -140,7 +140,10 @@ pub fn describe(dir: &Path, dev_dir: &Path) -> Result<UioDevice, UioError> {
         })?
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.strip_prefix("uio").is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|n| {
+            n.strip_prefix("uio")
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        })
         .min()
         .ok_or_else(|| malformed(&uio_dir, "a uioN entry", ""))?;
 
@@ -149,8 +152,8 @@ pub fn describe(dir: &Path, dev_dir: &Path) -> Result<UioDevice, UioError> {
     let map_size = parse_hex_or_dec(&size_text)
         .ok_or_else(|| malformed(&size_path, "a size such as 0x8000", &size_text))?;
     let ring_size = map_size / 2;
-    if map_size % 2 != 0
-        || ring_size % 4096 != 0
+    if !map_size.is_multiple_of(2)
+        || !ring_size.is_multiple_of(4096)
         || !(u64::from(MIN_RING_SIZE)..=u64::from(MAX_RING_SIZE)).contains(&ring_size)
     {
         return Err(malformed(
@@ -196,7 +199,12 @@ impl UioDevice {
 
     /// Maps the rings from `ring_file` (map 0 at offset 0) and pairs them with `doorbell`. `open`
     /// calls this; tests call it with a regular file and a socket standing in for `/dev/uioN`.
-    pub fn open_with(&self, ring_file: &File, doorbell: Doorbell, label: &str) -> Result<Channel, UioError> {
+    pub fn open_with(
+        &self,
+        ring_file: &File,
+        doorbell: Doorbell,
+        label: &str,
+    ) -> Result<Channel, UioError> {
         let ring_err = |source| UioError::Ring {
             dev: self.dev_path.clone(),
             source,
@@ -216,14 +224,23 @@ mod tests {
     const INSTANCE: &str = "fd149e91-82e0-4a7d-afa6-2a4166cbd7c0";
 
     /// A sysfs tree as the kernel lays it out for one device bound to uio_hv_generic.
-    pub(crate) fn fake_device(root: &Path, instance: &str, class: &str, map0_size: &str) -> PathBuf {
+    pub(crate) fn fake_device(
+        root: &Path,
+        instance: &str,
+        class: &str,
+        map0_size: &str,
+    ) -> PathBuf {
         let dev = root.join("devices").join(instance);
         std::fs::create_dir_all(dev.join("channels/14")).unwrap();
         std::fs::create_dir_all(dev.join("channels/27")).unwrap();
         std::fs::write(dev.join("channels/14/ring"), b"").unwrap();
         std::fs::write(dev.join("channels/27/ring"), b"").unwrap();
         std::fs::create_dir_all(dev.join("uio/uio3/maps/map0")).unwrap();
-        std::fs::write(dev.join("uio/uio3/maps/map0/size"), format!("{map0_size}\n")).unwrap();
+        std::fs::write(
+            dev.join("uio/uio3/maps/map0/size"),
+            format!("{map0_size}\n"),
+        )
+        .unwrap();
         std::fs::write(dev.join("uio/uio3/maps/map0/name"), "txrx_rings\n").unwrap();
         std::fs::write(dev.join("class_id"), format!("{{{class}}}\n")).unwrap();
         dev
@@ -234,9 +251,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         fake_device(tmp.path(), INSTANCE, HEARTBEAT, "0x8000");
         // A device without uio/ is bound to another driver (hv_utils): not ours.
-        let other = tmp.path().join("devices/242ff919-07db-4180-9c2e-b86cb68c8c55");
+        let other = tmp
+            .path()
+            .join("devices/242ff919-07db-4180-9c2e-b86cb68c8c55");
         std::fs::create_dir_all(&other).unwrap();
-        std::fs::write(other.join("class_id"), "{a9a0f4e7-5a45-4d96-b827-8a841e8c03e6}\n").unwrap();
+        std::fs::write(
+            other.join("class_id"),
+            "{a9a0f4e7-5a45-4d96-b827-8a841e8c03e6}\n",
+        )
+        .unwrap();
 
         let found = discover(&tmp.path().join("devices"), Path::new("/devtest")).unwrap();
         assert_eq!(found.len(), 1);
@@ -259,6 +282,9 @@ mod tests {
             std::fs::remove_dir_all(tmp.path().join("devices")).unwrap();
         }
         let dev = fake_device(tmp.path(), INSTANCE, "not-a-guid", "0x8000");
-        assert!(matches!(describe(&dev, Path::new("/dev")), Err(UioError::Malformed { .. })));
+        assert!(matches!(
+            describe(&dev, Path::new("/dev")),
+            Err(UioError::Malformed { .. })
+        ));
     }
 }

@@ -7,8 +7,8 @@
 //! socket and rewrites `/var/lib/hyperv` paths into a temporary directory. Nothing else of the C
 //! daemon is changed. (Only hv_kvp_daemon is run; hv_vss_daemon never is.)
 //!
-//! It needs the C binary: `.ci/run` extracts Debian's package (`apt-get download hyperv-daemons`
-//! + `dpkg-deb -x`, nothing installed or started) and points `HVISD_C_KVP_DAEMON` at it. Under CI
+//! It needs the C binary: `.ci/run` extracts Debian's package (`apt-get download hyperv-daemons`,
+//! then `dpkg-deb -x`; nothing installed or started) and points `HVISD_C_KVP_DAEMON` at it. Under CI
 //! (`CI` set) a missing binary fails the test; on a developer's machine without it the test says
 //! so and passes, so `cargo test --workspace` works anywhere.
 
