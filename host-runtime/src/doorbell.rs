@@ -38,6 +38,9 @@ pub struct Doorbell {
     kind: DoorbellKind,
 }
 
+/// At most this many queued interrupts are consumed by one wait.
+const MAX_COALESCED: usize = 64;
+
 /// The 4-byte interrupt message. The value is ignored by the receiver; uio wants a non-zero value,
 /// which also re-enables the channel's interrupt in `uio_hv_generic`.
 const RING_MESSAGE: [u8; 4] = 1u32.to_le_bytes();
@@ -90,7 +93,12 @@ impl Doorbell {
             match self.read_one() {
                 Ok(()) => {
                     // Coalesce: one look at the rings serves every interrupt already queued.
-                    while self.read_one().is_ok() {}
+                    // Bounded, so a peer that signals without pause cannot keep us here.
+                    for _ in 0..MAX_COALESCED {
+                        if self.read_one().is_err() {
+                            break;
+                        }
+                    }
                     return Ok(());
                 }
                 Err(DoorbellError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -200,8 +200,11 @@ pub async fn supervise<S: OfferSource>(
     tracing::info!("watching {} for offers", source.describe());
     while !*stop.borrow() {
         let mut present = HashSet::new();
+        // Without a successful scan we do not know what was rescinded: keep every channel.
+        let mut scanned = false;
         match source.scan() {
             Ok(offers) => {
+                scanned = true;
                 reported.remove("scan");
                 for offer in offers {
                     match offer {
@@ -240,7 +243,7 @@ pub async fn supervise<S: OfferSource>(
         let ids: Vec<String> = open.keys().cloned().collect();
         for id in ids {
             let ended = open.get(&id).is_some_and(|c| c.task.is_finished());
-            let rescinded = !present.contains(&id);
+            let rescinded = scanned && !present.contains(&id);
             if !ended && !rescinded {
                 continue;
             }
@@ -256,7 +259,9 @@ pub async fn supervise<S: OfferSource>(
             finished.insert(id);
         }
         // Forget offers that are gone, so memory stays bounded by what exists.
-        finished.retain(|id| present.contains(id));
+        if scanned {
+            finished.retain(|id| present.contains(id));
+        }
         reported.retain(|msg| match msg.strip_prefix("open ") {
             Some(rest) => present.iter().any(|id| rest.starts_with(id.as_str())),
             None => true,
