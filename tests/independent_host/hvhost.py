@@ -146,9 +146,11 @@ class Channel:
         # Distinct, full-width transaction ids per channel, so an echo that drops high bits shows.
         self.next_trans_id = TRANS_ID_BASE | (index + 1) << 40 | 0x8000_0000
         self.backlog: list = []  # replies read while the writer waited for space
+        self.last_rx_total = 0  # ring bytes of the last guest packet, trailer included
         self.fw = self.mv = None
         # Host-private ring state. tx = host-to-guest (we write), rx = guest-to-host (we read).
-        self.tx_write = 0
+        self.tx_write = 0  # where our next packet goes; runs ahead of write_index within a batch
+        self.tx_published = 0  # the write_index the guest can see
         self.tx_read_seen = 0
         self.rx_read = 0
         self.rx_write_seen = 0
@@ -273,11 +275,11 @@ class Channel:
                 f"{self.name}: host-to-guest read_index {r:#x} (file offset {self.ring_size + READ_INDEX}) "
                 f"is not an 8-aligned offset below {size}"
             )
-        # The guest may only consume what we published: seen <= r <= our write, in ring order.
-        if (r - self.tx_read_seen) % size > (self.tx_write - self.tx_read_seen) % size:
+        # The guest may only consume what we published: seen <= r <= write_index, in ring order.
+        if (r - self.tx_read_seen) % size > (self.tx_published - self.tx_read_seen) % size:
             raise Violation(
                 f"{self.name}: host-to-guest read_index moved to {r:#x}, past our write_index "
-                f"{self.tx_write:#x} (previous read_index {self.tx_read_seen:#x})"
+                f"{self.tx_published:#x} (previous read_index {self.tx_read_seen:#x})"
             )
         self.tx_read_seen = r
         return r
@@ -305,7 +307,7 @@ class Channel:
         )
 
     def send_packet(self, payload: bytes, pkt_flags: int | None = None, wait_timeout: float = 10.0,
-                    mask_rx_while_waiting: bool = False) -> int:
+                    mask_rx_while_waiting: bool = False, publish: bool = True) -> int:
         trans_id = self.next_trans_id
         self.next_trans_id += 1
         if pkt_flags is None:
@@ -349,12 +351,24 @@ class Channel:
         if new_write < old_write:
             self.stats["tx_wraps"] += 1
         self.tx_write = new_write
-        self.tx.set(WRITE_INDEX, new_write)  # publish only after the bytes are in place
         self.stats["packets_sent"] += 1
+        if publish:
+            self.publish()
+        return trans_id
+
+    def publish(self) -> None:
+        """Makes every packet written so far visible with one write_index store, then signals."""
+        old_write = self.tx_published
+        if old_write == self.tx_write:
+            return
+        self.tx.set(WRITE_INDEX, self.tx_write)  # only after the bytes are in place
+        self.tx_published = self.tx_write
         full_barrier()
         if self.tx.get(INTERRUPT_MASK) == 0 and self._guest_read_index() == old_write:
             self.signal()
-        return trans_id
+
+    def tx_fits(self, total: int) -> bool:
+        return self._tx_free() > total
 
     # ---- guest-to-host reader ----
 
@@ -400,18 +414,23 @@ class Channel:
                 self.first_bad_trailer = f"{where}: trailer {trailer:#018x}, expected {pos << 32:#018x}"
         if pos + pkt_len + TRAILER.size > size:
             self.stats["received_across_ring_end"] += 1
-        free_before = size - avail
         new_read = (pos + pkt_len + TRAILER.size) % size
         if new_read < pos:
             self.stats["rx_wraps"] += 1
         self.rx_read = new_read
         self.rx.set(READ_INDEX, new_read)  # publish only after we copied the bytes out
         self.stats["packets_received"] += 1
+        self.last_rx_total = pkt_len + TRAILER.size
         full_barrier()
         pending = self.rx.get(PENDING_SEND_SZ)
-        free_after = size - (w - new_read) % size
-        if pending and free_before <= pending < free_after:
-            self.signal()
+        if pending:
+            # Both sides of the crossing come from a write_index read after read_index was
+            # published: with the one read before the packet, a write landing meanwhile would
+            # hide the crossing and the guest would wait for a signal that never comes.
+            free_after = size - (self._guest_write_index() - new_read) % size
+            free_before = free_after - (pkt_len + TRAILER.size)
+            if free_before <= pending < free_after:
+                self.signal()
         self._check_padding(where, payload)
         return ptype, pflags, tid, payload
 
@@ -504,9 +523,7 @@ class Channel:
             raise Violation(f"{self.name}: {what} reply payload is {len(payload)} bytes, shorter than the IC headers")
         if len(payload) > MAX_IC_MESSAGE:
             raise Violation(f"{self.name}: {what} reply payload is {len(payload)} bytes, over {MAX_IC_MESSAGE}")
-        fw_maj, fw_min, mtype, mv_maj, mv_min, msize, status, ic_tid, icflags, _ = ICMSG_HDR.unpack_from(
-            payload, PIPE_HDR.size
-        )
+        _, _, mtype, _, _, icmsgsize, status, ic_tid, icflags, _ = ICMSG_HDR.unpack_from(payload, PIPE_HDR.size)
         if mtype != msgtype:
             raise Violation(f"{self.name}: {what} reply has icmsgtype {mtype}, expected {msgtype}")
         if icflags != IC_RESPONSE_FLAGS:
@@ -514,6 +531,8 @@ class Channel:
         if ic_tid != 0:
             raise Violation(f"{self.name}: {what} reply has ictransaction_id {ic_tid}, we sent 0")
         body = payload[PIPE_HDR.size + ICMSG_HDR.size :]
+        if icmsgsize > len(body):
+            raise Violation(f"{self.name}: {what} reply says icmsgsize={icmsgsize} but carries {len(body)} bytes")
         return status, body
 
     def negotiate(self, timeout: float) -> None:
@@ -598,10 +617,21 @@ class Channel:
                 failures.append(err)
 
         waits_before = self.stats["pending_send_waits"]
+        per_packet = len(self.heartbeat_packet_probe())
+        full_batches = 0
         while sent < count:
-            tid = self.send_heartbeat(first_seq + sent, mask_rx_while_waiting=True, wait_timeout=timeout / 3)
-            outstanding[tid] = first_seq + sent
-            sent += 1
+            # Fill the ring up to the never-full limit and publish it with one write_index store,
+            # so the guest faces a full ring no matter how fast it reads.
+            while sent < count and self.tx_fits(per_packet):
+                outstanding[self.send_heartbeat(first_seq + sent, publish=False)] = first_seq + sent
+                sent += 1
+            full_batches += 1
+            self.publish()
+            if sent < count:
+                # Usually the guest has not caught up yet: this waits on pending_send_sz.
+                tid = self.send_heartbeat(first_seq + sent, mask_rx_while_waiting=True, wait_timeout=timeout / 3)
+                outstanding[tid] = first_seq + sent
+                sent += 1
             while self.backlog:
                 settle(self.backlog.pop(0))
             for pkt in self.poll_received():
@@ -612,8 +642,75 @@ class Channel:
             "sent": count,
             "ok": ok,
             "failures": failures,
+            "ring_filled_to_the_limit": full_batches,
             "host_waited_for_space": self.stats["pending_send_waits"] - waits_before,
         }
+
+    def guest_ring_full(self, timeout: float) -> None:
+        """Stops reading until the guest's replies fill the guest-to-host ring, then drains it.
+
+        The guest must stop short of a completely full ring, wait (announcing pending_send_sz),
+        and carry on once the host frees space and rings it per the crossing rule.
+        """
+        per_packet = len(self.heartbeat_packet_probe())
+        reply = self.last_rx_total  # the guest's heartbeat replies so far have all been this long
+        if reply < DESCRIPTOR.size + TRAILER.size:
+            raise Violation(f"{self.name}: no heartbeat reply seen yet to size the guest's packets")
+        # One more request than the guest-to-host ring can hold replies for.
+        want = self.rx.data_size // reply + 1
+        outstanding: dict[int, int] = {}
+        seq = 5_000_000
+        deadline = time.monotonic() + timeout
+        stalled_at = None
+        pending_seen = 0
+        while True:
+            while len(outstanding) < want and self.tx_fits(per_packet):
+                outstanding[self.send_heartbeat(seq, publish=False)] = seq
+                seq += 1
+            self.publish()
+            w = self._guest_write_index()
+            rx_free = self.rx.data_size - (w - self.rx_read) % self.rx.data_size
+            pending_seen = self.rx.get(PENDING_SEND_SZ)
+            if len(outstanding) == want and rx_free <= reply:
+                if stalled_at is None:
+                    stalled_at = time.monotonic()
+                # Give the guest time to announce what it waits for before we free space.
+                if pending_seen or time.monotonic() - stalled_at > 1.0:
+                    break
+            if time.monotonic() > deadline:
+                raise Violation(
+                    f"{self.name}: guest-to-host ring never filled: {rx_free} bytes free, "
+                    f"{len(outstanding)} requests outstanding"
+                )
+            time.sleep(0.01)
+        result = {
+            "requests": want,
+            "reply_bytes": reply,
+            "ring_free_when_stalled": rx_free,
+            "guest_pending_send_sz": pending_seen,
+        }
+        if pending_seen == 0:
+            self.violations.append(
+                f"{self.name}: guest-to-host ring stalled with {rx_free} bytes free but the guest left "
+                f"pending_send_sz 0 (file offset {PENDING_SEND_SZ}), so no reader knows to wake it"
+            )
+        ok, failures = 0, []
+        while outstanding:
+            pkt = self.recv_packet(timeout)
+            req = outstanding.pop(pkt[2], None)
+            err = (f"reply with unknown transaction id {pkt[2]:#x}" if req is None
+                   else self.check_heartbeat_reply(pkt, pkt[2], req))
+            if err is None:
+                ok += 1
+            elif len(failures) < 10:
+                failures.append(err)
+        result.update(sent=want, ok=ok, failures=failures)
+        self.result["guest_ring_full"] = result
+
+    def heartbeat_packet_probe(self) -> bytes:
+        """A heartbeat packet as the host would write it, for sizing."""
+        body = HEARTBEAT_DATA.pack(0, bytes(32))[: WRITER.heartbeat_size]
+        return self.build_packet(self.ic_message(ICMSGTYPE_HEARTBEAT, self.fw, self.mv, body), 0, 0, 0)
 
     def summary(self) -> dict:
         self.result["stats"] = self.stats
@@ -713,7 +810,7 @@ def main() -> int:
             ch.conn = None
 
     hb = next((ch for ch in channels if ch.name == "heartbeat" and ch.conn is not None), None)
-    if hb is not None and getattr(hb, "fw", None) is not None:
+    if hb is not None and hb.fw is not None:
         try:
             mark = hb.signal_mark()
             hb.heartbeats(args.heartbeats, 1000, args.timeout, "heartbeats")
@@ -725,7 +822,7 @@ def main() -> int:
                 print(json.dumps(summary, indent=2))
                 die_mid_packet(hb)
             if args.wrap:
-                per_packet = len(hb.build_packet(hb.ic_message(1, hb.fw, hb.mv, HEARTBEAT_DATA.pack(0, bytes(32))), 0, 0, 0))
+                per_packet = len(hb.heartbeat_packet_probe())
                 n = (5 * hb.tx.data_size) // per_packet + 1
                 mark = hb.signal_mark()
                 hb.heartbeats(n, 1_000_000, args.timeout, "wrap_heartbeats")
@@ -734,8 +831,9 @@ def main() -> int:
                     if hb.stats[direction] < 3:
                         errors.append(f"heartbeat: --wrap produced only {hb.stats[direction]} packets {direction}, wanted >= 3")
                 hb.heartbeat_burst(4 * (hb.tx.data_size // per_packet), (1 << 64) - 40, args.timeout)
-                if hb.result["burst"]["host_waited_for_space"] == 0:
+                if hb.result["burst"]["ring_filled_to_the_limit"] == 0:
                     errors.append("heartbeat: the burst never filled the host-to-guest ring")
+                hb.guest_ring_full(args.timeout)
         except (Violation, ChannelClosed) as e:
             errors.append(str(e))
     elif hb is not None:
@@ -747,7 +845,7 @@ def main() -> int:
         if r.get("negotiation") != "ok" and ch.conn is not None:
             errors.append(f"{ch.name}: negotiation result {r.get('negotiation')!r}")
         errors.extend(ch.violations)
-        for key in ("heartbeats", "wrap_heartbeats", "burst"):
+        for key in ("heartbeats", "wrap_heartbeats", "burst", "guest_ring_full"):
             part = r.get(key)
             if part and part["ok"] != part["sent"]:
                 first = f"; first failure: {part['failures'][0]}" if part["failures"] else ""

@@ -298,7 +298,7 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &dir.join("offer"),
+            dir.join("offer"),
             rustix::fs::FileType::Fifo,
             Mode::from_raw_mode(0o600),
             0,
