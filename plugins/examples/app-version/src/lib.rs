@@ -1,0 +1,70 @@
+//! Example KVP provider: publishes an application's version and health as
+//! guest-pool keys the Hyper-V host can read.
+//!
+//! - `app.version`: first line of `/app/VERSION` (read once per instance), or `unknown`;
+//! - `app.health`: `ok` if `/app/health` contains `ok`, its first line otherwise,
+//!   `down` if the file is missing (read on every call, so it is current).
+//!
+//! Manifest:
+//!
+//! ```toml
+//! [[plugin]]
+//! name = "app-version"
+//! path = "/usr/lib/hvisd/plugins/app_version.wasm"
+//! worlds = ["kvp-provider"]
+//! [[plugin.kvp]]
+//! pool = "guest"
+//! keys = ["app.*"]
+//! [[plugin.kvp]]
+//! pool = "external"
+//! keys = ["app.*"]
+//! [[plugin.dirs]]
+//! host = "/var/lib/myapp"
+//! guest = "/app"
+//! ```
+
+use std::sync::OnceLock;
+
+use hvisd_sdk::{Error, KvpProvider, Pool, ProviderInfo, Value, log};
+
+struct AppVersion;
+
+fn first_line(path: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(text.lines().next().unwrap_or("").trim().to_owned())
+}
+
+fn version() -> &'static str {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION.get_or_init(|| first_line("/app/VERSION").unwrap_or_else(|| "unknown".into()))
+}
+
+impl KvpProvider for AppVersion {
+    fn describe() -> ProviderInfo {
+        let mut info =
+            ProviderInfo::owning([(Pool::Guest, "app.version"), (Pool::Guest, "app.health")]);
+        // Hear about host-pushed settings for the application.
+        info.subscribe.push(Pool::External);
+        info
+    }
+
+    fn get(pool: Pool, key: &str) -> Result<Value, Error> {
+        match (pool, key) {
+            (Pool::Guest, "app.version") => Ok(Value::Text(version().to_owned())),
+            (Pool::Guest, "app.health") => Ok(Value::Text(match first_line("/app/health") {
+                Some(h) if h == "ok" => "ok".into(),
+                Some(h) => h,
+                None => "down".into(),
+            })),
+            _ => Err(Error::NotFound(format!("app-version does not own {key}"))),
+        }
+    }
+
+    fn on_host_set(_pool: Pool, key: &str, value: Value) {
+        if key.starts_with("app.") {
+            log::info(&format!("host set {key} = {value:?}"));
+        }
+    }
+}
+
+hvisd_sdk::export_kvp_provider!(AppVersion);

@@ -1,0 +1,188 @@
+//! A deliberately hostile plugin for hvisd's sandbox tests. It implements
+//! every world; what it does is chosen by the key, backup id, mount list or
+//! service name it is given. Never deploy it.
+//!
+//! KVP keys (guest pool): `ok` (answers `fine`), `spin` (infinite loop),
+//! `alloc` (allocates until memory runs out), `recurse` (unbounded
+//! recursion with locals in linear memory), `recurse-native` (unbounded
+//! recursion on the engine's stack), `trap` (panics), `read-granted` (reads `/data/hello.txt`),
+//! `write-ro` (writes into the read-only `/data`), `dotdot`, `absolute`,
+//! `symlink`, `undeclared` (filesystem escape attempts), `env` (environment),
+//! `kvp-steal` (sets a key outside its grant), `connect-granted` and
+//! `connect-other` (hvsock connects to `upstream` and `forbidden`), `print`
+//! (writes to stdout, stderr and the logging import). Escape attempts answer
+//! `blocked: <error>` when the sandbox held, `ESCAPED: <content>` when not.
+
+use std::hint::black_box;
+
+use hvisd_sdk::{
+    Connection, Error, FreezeContext, FreezeHook, FreezeOutcome, FreezePolicy, HvsockService,
+    KvpProvider, Mount, Pool, ProviderInfo, Value, kvp,
+};
+
+struct Misbehave;
+
+const KEYS: &[&str] = &[
+    "ok",
+    "spin",
+    "alloc",
+    "recurse",
+    "recurse-native",
+    "trap",
+    "read-granted",
+    "write-ro",
+    "dotdot",
+    "absolute",
+    "symlink",
+    "undeclared",
+    "env",
+    "kvp-steal",
+    "connect-granted",
+    "connect-other",
+    "print",
+];
+
+fn spin() -> ! {
+    let mut x = 0u64;
+    loop {
+        x = black_box(x.wrapping_add(1));
+    }
+}
+
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    let pad = black_box([depth; 64]);
+    if black_box(depth) == u64::MAX {
+        return pad[0];
+    }
+    recurse(depth + 1).wrapping_add(pad[(depth % 64) as usize])
+}
+
+/// Recursion that uses only the engine's native stack (no locals in linear
+/// memory): the call goes through a function pointer read from a static, so
+/// it can be neither inlined nor turned into a loop.
+#[inline(never)]
+fn recurse_native(depth: u64) -> u64 {
+    // SAFETY: a plain read of an initialised static.
+    let next = unsafe { std::ptr::read_volatile(&NATIVE) };
+    next(depth + 1).wrapping_mul(3).wrapping_add(depth)
+}
+static NATIVE: fn(u64) -> u64 = recurse_native;
+
+fn attempt(path: &str) -> Value {
+    Value::Text(match std::fs::read_to_string(path) {
+        Ok(s) => format!("ESCAPED: {}", s.trim()),
+        Err(e) => format!("blocked: {e}"),
+    })
+}
+
+impl KvpProvider for Misbehave {
+    fn describe() -> ProviderInfo {
+        ProviderInfo::owning(KEYS.iter().map(|k| (Pool::Guest, *k)))
+    }
+
+    fn get(_pool: Pool, key: &str) -> Result<Value, Error> {
+        Ok(match key {
+            "ok" => Value::Text("fine".into()),
+            "spin" => spin(),
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(black_box(vec![1u8; 1 << 20]));
+                }
+            }
+            "recurse" => Value::U64(recurse(0)),
+            "recurse-native" => Value::U64(recurse_native(0)),
+            "trap" => panic!("misbehave: deliberate trap"),
+            "read-granted" => attempt("/data/hello.txt"),
+            "write-ro" => Value::Text(match std::fs::write("/data/new.txt", b"x") {
+                Ok(()) => "ESCAPED: wrote into a read-only dir".into(),
+                Err(e) => format!("blocked: {e}"),
+            }),
+            "dotdot" => attempt("/data/../secret.txt"),
+            "absolute" => attempt("/etc/passwd"),
+            "symlink" => attempt("/data/link-to-secret"),
+            "undeclared" => attempt("/secret.txt"),
+            "env" => Value::Text(format!("{:?}", std::env::vars().collect::<Vec<_>>())),
+            "kvp-steal" => Value::Text(match kvp::set(Pool::Guest, "stolen", &Value::U32(1)) {
+                Ok(()) => "ESCAPED: wrote a key outside the grant".into(),
+                Err(e) => format!("blocked: {e:?}"),
+            }),
+            "connect-granted" => Value::Text(match hvisd_sdk::hvsock::connect("upstream") {
+                Ok(mut conn) => {
+                    use std::io::Write;
+                    conn.write_all(b"ping")
+                        .map_err(|e| Error::Failed(e.to_string()))?;
+                    let reply = conn
+                        .read_some(16)
+                        .map_err(|e| Error::Failed(e.to_string()))?;
+                    format!("got: {}", String::from_utf8_lossy(&reply))
+                }
+                Err(e) => format!("blocked: {e:?}"),
+            }),
+            "print" => {
+                println!("to stdout");
+                eprintln!("to stderr");
+                hvisd_sdk::log::warn("through the logging import");
+                Value::Text("printed".into())
+            }
+            "connect-other" => Value::Text(match hvisd_sdk::hvsock::connect("forbidden") {
+                Ok(_) => "ESCAPED: connected to an ungranted service".into(),
+                Err(e) => format!("blocked: {e:?}"),
+            }),
+            _ => return Err(Error::NotFound(key.into())),
+        })
+    }
+}
+
+impl FreezeHook for Misbehave {
+    fn pre_freeze(ctx: &FreezeContext) -> Result<(), String> {
+        match ctx.backup_id.as_str() {
+            "spin" => spin(),
+            "veto" => Err("misbehave vetoes".into()),
+            "trap" => panic!("misbehave: trap in pre-freeze"),
+            _ => Ok(()),
+        }
+    }
+    fn post_thaw(ctx: &FreezeContext, outcome: FreezeOutcome) {
+        let _ = kvp::set(
+            Pool::Guest,
+            "misbehave.thawed",
+            &Value::Text(format!("{} {outcome:?}", ctx.backup_id)),
+        );
+        if ctx.backup_id == "spin" {
+            spin();
+        }
+    }
+}
+
+impl FreezePolicy for Misbehave {
+    fn plan(mounts: &[Mount]) -> Result<Vec<String>, String> {
+        if mounts.iter().any(|m| m.path == "/refuse") {
+            return Err("misbehave refuses".into());
+        }
+        if mounts.iter().any(|m| m.path == "/bogus") {
+            return Ok(vec!["/not-offered".into()]);
+        }
+        Ok(mounts.iter().rev().map(|m| m.path.clone()).collect())
+    }
+}
+
+impl HvsockService for Misbehave {
+    fn serve(service: &str, mut conn: Connection) -> Result<(), String> {
+        use std::io::{Read, Write};
+        if service == "spin" {
+            spin();
+        }
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = conn.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Ok(());
+            }
+            conn.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+        }
+    }
+}
+
+hvisd_sdk::export_full_plugin!(Misbehave);
