@@ -21,6 +21,34 @@ pub struct Config {
     /// Key/value exchange.
     #[serde(default)]
     pub kvp: KvpSection,
+    /// Where compiled plugins are cached.
+    #[serde(default)]
+    pub plugins: PluginsSection,
+    /// One table per plugin (`[[plugin]]`): see `hvisd_plugin_host::manifest`.
+    #[serde(default)]
+    pub plugin: Vec<hvisd_plugin_host::PluginManifest>,
+}
+
+/// `[plugins]`: settings shared by every plugin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsSection {
+    /// Cache of precompiled plugins (`.cwasm`). Must be owned by the user hvisd runs as and
+    /// writable by nobody else: its files are native code.
+    #[serde(default = "default_plugin_cache")]
+    pub cache_dir: PathBuf,
+}
+
+fn default_plugin_cache() -> PathBuf {
+    "/var/cache/hvisd/plugins".into()
+}
+
+impl Default for PluginsSection {
+    fn default() -> Self {
+        Self {
+            cache_dir: default_plugin_cache(),
+        }
+    }
 }
 
 /// `[kvp]`: where the pools live, the kernel device, the IP-configuration helpers, plugin keys.
@@ -173,6 +201,14 @@ pub enum ShutdownActionName {
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// One or more `[[plugin]]` tables are invalid (each error names the plugin, field and fix).
+    #[error("config {path}: invalid plugins:\n{}", errors.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Plugins {
+        /// The path.
+        path: String,
+        /// Every problem found.
+        errors: Vec<hvisd_plugin_host::ManifestError>,
+    },
     /// The file could not be read.
     #[error("reading config {path}: {source}")]
     Read {
@@ -232,6 +268,12 @@ impl Config {
                 path: origin.to_owned(),
                 field: "kvp.plugin_key_deadline_ms",
                 why: "must be 1..=10000: the host's request waits at most this long for plugin values",
+            });
+        }
+        if let Err(errors) = hvisd_plugin_host::manifest::validate_all(&config.plugin) {
+            return Err(ConfigError::Plugins {
+                path: origin.to_owned(),
+                errors,
             });
         }
         Ok(config)

@@ -12,6 +12,7 @@ pub mod channel;
 pub mod config;
 pub mod doorbell;
 pub mod offer;
+pub mod plugins;
 pub mod runtime;
 pub mod services;
 pub mod sim;

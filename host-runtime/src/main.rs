@@ -159,9 +159,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log.as_deref());
     match cli.command {
-        Command::Run { transport, config } => {
-            let config = load_config(config.as_ref())?;
-            runtime()?.block_on(run(&transport, config))
+        Command::Run { transport, config: path } => {
+            let config = load_config(path.as_ref())?;
+            runtime()?.block_on(run(&transport, config, path))
         }
         Command::Host { root, command } => match command {
             HostCommand::Script { file } => runtime()?.block_on(host_script(root, file)),
@@ -214,9 +214,13 @@ async fn stop_signal() -> Result<()> {
     Ok(())
 }
 
-async fn run(transport: &str, config: Config) -> Result<()> {
+async fn run(transport: &str, config: Config, config_path: Option<PathBuf>) -> Result<()> {
     let kvp_device = config.kvp.device.clone();
-    let services = Services::new(config)?;
+    let services = Services::new(config.clone())?;
+    let plugins = hvisd::plugins::Plugins::start(&config, &services).await?;
+    if let (Some(plugins), Some(path)) = (plugins, config_path) {
+        tokio::spawn(reload_on_sighup(plugins, path));
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (kind, rest) = transport.split_once(':').unwrap_or((transport, ""));
     let serve = async {
@@ -268,6 +272,30 @@ async fn run(transport: &str, config: Config) -> Result<()> {
             tracing::info!("stopping");
             let _ = stop_tx.send(true);
             serve.await
+        }
+    }
+}
+
+/// SIGHUP re-reads the config file and reloads the plugins. A config that does not parse, or
+/// plugins that do not load, leave the running ones in place; requests in flight finish either way.
+async fn reload_on_sighup(plugins: hvisd::plugins::Plugins, path: PathBuf) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGHUP, plugin reload disabled: {e}");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(config = %path.display(), "SIGHUP: reloading plugins");
+        match Config::load(&path) {
+            Ok(config) => {
+                if let Err(e) = plugins.apply(&config).await {
+                    tracing::error!("plugin reload failed, keeping the running plugins: {e}");
+                }
+            }
+            Err(e) => tracing::error!("plugin reload: {e}; keeping the running plugins"),
         }
     }
 }

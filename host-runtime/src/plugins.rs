@@ -1,0 +1,212 @@
+//! Plugins in the runtime: loading the `[[plugin]]` tables, giving KVP providers their Guest-pool
+//! keys, backing the plugins' `kvp-store` import with the pool files, telling subscribers what the
+//! host set, and reloading on SIGHUP.
+
+use crate::config::Config;
+use crate::services::Services;
+use hvisd_kvp::guest_keys::ValueFuture;
+use hvisd_kvp::{GuestKeyProvider, GuestKeys, KvpCore, PoolStore};
+use hvisd_plugin_host::{HostServices, KvpError, KvpStore, PluginHost, Pool, Value};
+use hvisd_protocol::kvp::Pool as WirePool;
+use std::sync::{Arc, Mutex};
+
+/// The plugins' `kvp-store` import over the real pool files (the same store the KVP service uses, so
+/// a plugin's write is what the host enumerates next). Grants are checked by the plugin host first.
+pub struct PoolKvpStore {
+    store: Arc<Mutex<PoolStore>>,
+}
+
+impl PoolKvpStore {
+    /// Backs the import with `store`.
+    pub fn new(store: Arc<Mutex<PoolStore>>) -> Self {
+        Self { store }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut PoolStore) -> Result<T, hvisd_kvp::StoreError>) -> Result<T, KvpError> {
+        let mut store = self
+            .store
+            .lock()
+            .map_err(|_| KvpError::Unavailable("the pool store is poisoned by an earlier panic".into()))?;
+        f(&mut store).map_err(|e| KvpError::Unavailable(e.to_string()))
+    }
+}
+
+/// The wire pool a plugin pool names.
+pub fn wire_pool(pool: Pool) -> WirePool {
+    match pool {
+        Pool::External => WirePool::External,
+        Pool::Guest => WirePool::Guest,
+        Pool::Auto => WirePool::Auto,
+        Pool::AutoExternal => WirePool::AutoExternal,
+        Pool::Internal => WirePool::AutoInternal,
+    }
+}
+
+/// The plugin pool for a wire pool.
+pub fn plugin_pool(pool: WirePool) -> Pool {
+    match pool {
+        WirePool::External => Pool::External,
+        WirePool::Guest => Pool::Guest,
+        WirePool::Auto => Pool::Auto,
+        WirePool::AutoExternal => Pool::AutoExternal,
+        WirePool::AutoInternal => Pool::Internal,
+    }
+}
+
+/// Pool files hold UTF-8 strings (as `hv_kvp_daemon` stores REG_U32/REG_U64 values sent by the host:
+/// in decimal), so numbers are written in decimal too.
+fn value_text(value: &Value) -> String {
+    match value {
+        Value::Text(s) => s.clone(),
+        Value::U32(n) => n.to_string(),
+        Value::U64(n) => n.to_string(),
+    }
+}
+
+impl KvpStore for PoolKvpStore {
+    fn get(&self, pool: Pool, key: &str) -> Result<Option<Value>, KvpError> {
+        self.with(|s| s.get(wire_pool(pool), key)).map(|v| v.map(Value::Text))
+    }
+    fn set(&self, pool: Pool, key: &str, value: &Value) -> Result<(), KvpError> {
+        self.with(|s| s.set(wire_pool(pool), key, &value_text(value)))
+    }
+    fn delete(&self, pool: Pool, key: &str) -> Result<bool, KvpError> {
+        self.with(|s| s.delete(wire_pool(pool), key))
+    }
+    fn list(&self, pool: Pool) -> Result<Vec<String>, KvpError> {
+        self.with(|s| s.list(wire_pool(pool))).map(|kv| kv.into_iter().map(|(k, _)| k).collect())
+    }
+}
+
+/// One KVP-provider plugin as a source of Guest-pool values.
+struct PluginKeys {
+    host: Arc<PluginHost>,
+    plugin: String,
+    keys: Vec<String>,
+}
+
+impl GuestKeyProvider for PluginKeys {
+    fn name(&self) -> &str {
+        &self.plugin
+    }
+    fn keys(&self) -> Vec<String> {
+        self.keys.clone()
+    }
+    fn value(&self, key: &str) -> ValueFuture {
+        let host = self.host.clone();
+        let plugin = self.plugin.clone();
+        let key = key.to_owned();
+        Box::pin(async move {
+            host.provider_get(&plugin, Pool::Guest, &key)
+                .await
+                .map(|v| value_text(&v))
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Builds the Guest-pool key set from the providers the host has loaded now.
+pub fn guest_keys(host: &Arc<PluginHost>, config: &Config) -> Result<GuestKeys, hvisd_kvp::guest_keys::GuestKeyError> {
+    let providers = host
+        .provider_keys()
+        .into_iter()
+        .map(|p| {
+            let keys = p.keys.iter().filter(|k| k.pool == Pool::Guest).map(|k| k.key.clone()).collect();
+            Arc::new(PluginKeys {
+                host: host.clone(),
+                plugin: p.plugin,
+                keys,
+            }) as Arc<dyn GuestKeyProvider>
+        })
+        .collect();
+    GuestKeys::new(providers, config.kvp.guest_key_options())
+}
+
+/// Why plugins could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginSetupError {
+    /// The plugin host could not start or the manifests are invalid.
+    #[error(transparent)]
+    Host(#[from] hvisd_plugin_host::HostError),
+    /// Two providers claim one Guest-pool key.
+    #[error("plugin keys: {0}")]
+    Keys(#[from] hvisd_kvp::guest_keys::GuestKeyError),
+    /// Plugins need the KVP store.
+    #[error("plugins are configured but [services] kvp = false; the kvp-store import needs the pools")]
+    NoKvp,
+}
+
+/// The running plugin host and what the runtime wired to it.
+pub struct Plugins {
+    /// The host.
+    pub host: Arc<PluginHost>,
+    kvp: Arc<tokio::sync::Mutex<KvpCore>>,
+}
+
+impl Plugins {
+    /// Starts the plugin host for `config.plugin` (None when there are none), loads every plugin,
+    /// installs the providers' keys in the KVP service, and forwards host-set keys to subscribers.
+    pub async fn start(config: &Config, services: &Services) -> Result<Option<Self>, PluginSetupError> {
+        if config.plugin.is_empty() {
+            return Ok(None);
+        }
+        let kvp = services.kvp_core().cloned().ok_or(PluginSetupError::NoKvp)?;
+        let store = kvp.lock().await.store();
+        let host = Arc::new(PluginHost::new(
+            &config.plugins.cache_dir,
+            HostServices {
+                kvp: Arc::new(PoolKvpStore::new(store)),
+                hvsock: None,
+            },
+        )?);
+        let plugins = Self { host, kvp };
+        plugins.apply(config).await?;
+        plugins.forward_host_sets();
+        Ok(Some(plugins))
+    }
+
+    /// Loads (or reloads) the plugins of `config` and refreshes the Guest-pool keys. A failed reload
+    /// keeps what was running. In-flight calls finish on the instances they started on.
+    pub async fn apply(&self, config: &Config) -> Result<(), PluginSetupError> {
+        let summary = self.host.reload(&config.plugin).await?;
+        for name in &summary.loaded {
+            tracing::info!(plugin = %name, "plugin loaded");
+        }
+        for (name, why) in &summary.refused {
+            tracing::error!(plugin = %name, "plugin refused: {why}");
+        }
+        let keys = guest_keys(&self.host, config)?;
+        self.kvp.lock().await.set_guest_keys(keys);
+        Ok(())
+    }
+
+    fn forward_host_sets(&self) {
+        let mut events = {
+            // The receiver is taken before start returns, so no host SET after start is missed.
+            match self.kvp.try_lock() {
+                Ok(core) => core.subscribe(),
+                Err(_) => return,
+            }
+        };
+        let host = self.host.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        let Some(value) = event.value else { continue };
+                        for e in host
+                            .notify_host_set(plugin_pool(event.pool), &event.key, &Value::Text(value))
+                            .await
+                        {
+                            tracing::warn!("host-set notification: {e}");
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("{n} host-set notifications were dropped: subscribers were too slow");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+    }
+}
