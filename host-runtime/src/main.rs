@@ -52,6 +52,11 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Inspect plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Read and change the KVP pool files (safe while the daemon runs).
     Kvp {
         /// Pool: external, guest, auto, auto-external, auto-internal, or 0-4.
@@ -79,6 +84,25 @@ enum HostCommand {
     Script {
         /// The script file.
         file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Say which worlds a component implements, what it imports, and whether a manifest entry
+    /// accepts it.
+    Check {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// A runtime config whose `[[plugin]]` entry to check the component against.
+        #[arg(long, requires = "plugin")]
+        config: Option<PathBuf>,
+        /// The `[[plugin]]` entry's name.
+        #[arg(long, requires = "config")]
+        plugin: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -118,6 +142,16 @@ enum BenchCommand {
         /// Bytes of the ring (one direction, control page included).
         #[arg(long, default_value_t = 128 * 4096)]
         ring_size: usize,
+    },
+    /// Plugin call cost, instantiation from the cache, load time of three plugins, RSS (builds the
+    /// example plugins for wasm32-wasip2 first).
+    Plugin {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Provider calls to time.
+        #[arg(long, default_value_t = 200_000)]
+        calls: u32,
     },
     /// KVP request latency and rate: enumerating a Guest pool over shm, the kernel protocol and
     /// the codec alone, with and without plugin-provided keys.
@@ -174,6 +208,15 @@ fn main() -> Result<()> {
             let config = load_config(config.as_ref())?;
             runtime()?.block_on(sim(script, root, config))
         }
+        Command::Plugin {
+            command:
+                PluginCommand::Check {
+                    file,
+                    config,
+                    plugin,
+                    json,
+                },
+        } => plugin_check(&file, config.as_deref(), plugin.as_deref(), json),
         Command::Kvp {
             pool,
             pool_dir,
@@ -186,6 +229,7 @@ fn main() -> Result<()> {
                 repeats,
                 ring_size,
             } => bench_ring(json, repeats, ring_size),
+            BenchCommand::Plugin { json, calls } => runtime()?.block_on(bench_plugin(json, calls)),
             BenchCommand::Kvp {
                 json,
                 pool_keys,
@@ -355,6 +399,53 @@ fn kvp_cli(pool: Option<&str>, pool_dir: PathBuf, json: bool, command: KvpComman
         json,
     };
     hvisd_kvp::cli::cli(&args, &mut std::io::stdout().lock())?;
+    Ok(())
+}
+
+fn plugin_check(file: &std::path::Path, config: Option<&std::path::Path>, plugin: Option<&str>, json: bool) -> Result<()> {
+    let manifest = match (config, plugin) {
+        (Some(path), Some(name)) => {
+            let config = Config::load(path)?;
+            let found = config.plugin.into_iter().find(|m| m.name == name);
+            Some(found.with_context(|| format!("{} has no [[plugin]] named {name:?}", path.display()))?)
+        }
+        _ => None,
+    };
+    let report = hvisd_plugin_host::check(file, manifest.as_ref())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    if !report.ok() {
+        bail!("{} is not accepted", file.display());
+    }
+    Ok(())
+}
+
+async fn bench_plugin(json: bool, calls: u32) -> Result<()> {
+    use hvisd_plugin_host::bench::{BenchConfig, run_plugin_bench};
+    use hvisd_plugin_host::build::{build_plugins, plugins_workspace};
+    if calls == 0 {
+        bail!("--calls must be at least 1");
+    }
+    let built = build_plugins(&plugins_workspace(), "release")?;
+    let pick = |n: &str| built.get(n).cloned().with_context(|| format!("plugin `{n}` was not built"));
+    let cache = tempfile::tempdir()?;
+    let config = BenchConfig {
+        provider_wasm: pick("app-version")?,
+        hook_wasm: pick("flush-hold")?,
+        hvsock_wasm: pick("status-echo")?,
+        cache_dir: cache.path().join("cache"),
+        provider_calls: calls,
+        instantiations: 200,
+    };
+    let report = run_plugin_bench(&config).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print_human();
+    }
     Ok(())
 }
 

@@ -882,7 +882,9 @@ pub async fn run_embedded(
     };
     config.shutdown = Default::default();
     sandbox_kvp_paths(&mut config, &root)?;
-    let services = Services::new(config)?;
+    let services = Services::new(config.clone())?;
+    // Plugins from the config serve the simulated guest too (their keys show in the transcript).
+    let _plugins = crate::plugins::Plugins::start(&config, &services).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let runtime = tokio::spawn(crate::runtime::run_shm(
         ShmRoot::new(&root),
