@@ -4,7 +4,8 @@
 //! host enumerates a Guest pool of N records (plus plugin-provided keys) from index 0 until
 //! `HV_S_CONT`: over `shm` (ring, doorbell, IC framing, KVP codec, the runtime's supervision and
 //! channel task, exactly what `hvisd run` does), over the kernel daemon protocol, and the VMBus codec
-//! alone (the last two from `hvisd-kvp`).
+//! alone (the last two from `hvisd-kvp`). The plugin-provided keys come from a real WebAssembly
+//! plugin (`plugins/test-plugins/bench-keys`), served with the runtime's default cache time.
 
 use crate::config::Config;
 use crate::offer::{Offer, PipeMode};
@@ -14,15 +15,64 @@ use crate::transport::shm::ShmRoot;
 use crate::transport::shm_host;
 use hvisd_ic::NegotiateOutcome;
 use hvisd_ic::host::{IcHost, offers};
+use hvisd_kvp::GuestKeyProvider;
 use hvisd_kvp::bench::{KvpBenchCase, KvpBenchOptions, setup, summarize};
+use hvisd_plugin_host::build::{build_plugins, plugins_workspace};
+use hvisd_plugin_host::{HostServices, MemoryKvpStore, PluginHost, PluginManifest};
 use hvisd_protocol::ic::status::HV_S_CONT;
 use hvisd_protocol::kvp::KvpRequest;
 use hvisd_ring::PacketHeader;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Every KVP case: shm, kernel protocol and codec, for each plugin-key count.
+/// Loads the `bench-keys` test plugin (ten Guest-pool keys; built from `plugins/` for
+/// wasm32-wasip2) in a plugin host of its own and returns it as KVP key providers, so the
+/// "with plugin keys" cases measure real WebAssembly calls through the runtime's call path.
+pub async fn bench_key_plugin(
+    cache_dir: &std::path::Path,
+) -> anyhow::Result<(Arc<PluginHost>, Vec<Arc<dyn GuestKeyProvider>>)> {
+    let built = build_plugins(&plugins_workspace(), "release")?;
+    let wasm = built
+        .get("bench-keys")
+        .ok_or_else(|| anyhow::anyhow!("plugin `bench-keys` was not built"))?;
+    let manifest: PluginManifest = toml::from_str(&format!(
+        "name = \"bench-keys\"\npath = '{}'\nworlds = [\"kvp-provider\"]\n[[kvp]]\npool = \"guest\"\nkeys = [\"bench.*\"]\n",
+        wasm.display()
+    ))?;
+    let host = Arc::new(PluginHost::new(
+        cache_dir,
+        HostServices {
+            kvp: Arc::new(MemoryKvpStore::default()),
+            hvsock: None,
+        },
+    )?);
+    let summary = host.load(&[manifest]).await?;
+    if let Some((name, why)) = summary.refused.first() {
+        anyhow::bail!("plugin {name} refused: {why}");
+    }
+    let providers = crate::plugins::providers(&host);
+    Ok((host, providers))
+}
+
+/// Every KVP case: shm, kernel protocol and codec, for each plugin-key count. Plugin keys come from
+/// `opts.providers` when given, else from the real `bench-keys` plugin (which owns ten keys).
 pub async fn run_kvp_bench(opts: &KvpBenchOptions) -> anyhow::Result<Vec<KvpBenchCase>> {
+    let cache = tempfile::tempdir()?;
+    let mut opts = opts.clone();
+    let _host = if opts.providers.is_none() && opts.plugin_key_counts.iter().any(|&n| n > 0) {
+        let (host, providers) = bench_key_plugin(&cache.path().join("cache")).await?;
+        let owned: usize = providers.iter().map(|p| p.keys().len()).sum();
+        opts.plugin_key_counts = opts
+            .plugin_key_counts
+            .iter()
+            .map(|&n| if n > 0 { owned } else { 0 })
+            .collect();
+        opts.providers = Some(providers);
+        Some(host)
+    } else {
+        None
+    };
+    let opts = &opts;
     let mut cases = Vec::new();
     for &plugin_keys in &opts.plugin_key_counts {
         cases.push(kvp_shm_case(opts, plugin_keys).await?);

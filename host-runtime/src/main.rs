@@ -193,7 +193,10 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log.as_deref());
     match cli.command {
-        Command::Run { transport, config: path } => {
+        Command::Run {
+            transport,
+            config: path,
+        } => {
             let config = load_config(path.as_ref())?;
             runtime()?.block_on(run(&transport, config, path))
         }
@@ -402,15 +405,23 @@ fn kvp_cli(pool: Option<&str>, pool_dir: PathBuf, json: bool, command: KvpComman
     Ok(())
 }
 
-fn plugin_check(file: &std::path::Path, config: Option<&std::path::Path>, plugin: Option<&str>, json: bool) -> Result<()> {
-    let manifest = match (config, plugin) {
-        (Some(path), Some(name)) => {
-            let config = Config::load(path)?;
-            let found = config.plugin.into_iter().find(|m| m.name == name);
-            Some(found.with_context(|| format!("{} has no [[plugin]] named {name:?}", path.display()))?)
-        }
-        _ => None,
-    };
+fn plugin_check(
+    file: &std::path::Path,
+    config: Option<&std::path::Path>,
+    plugin: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    let manifest =
+        match (config, plugin) {
+            (Some(path), Some(name)) => {
+                let config = Config::load(path)?;
+                let found = config.plugin.into_iter().find(|m| m.name == name);
+                Some(found.with_context(|| {
+                    format!("{} has no [[plugin]] named {name:?}", path.display())
+                })?)
+            }
+            _ => None,
+        };
     let report = hvisd_plugin_host::check(file, manifest.as_ref())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -430,7 +441,12 @@ async fn bench_plugin(json: bool, calls: u32) -> Result<()> {
         bail!("--calls must be at least 1");
     }
     let built = build_plugins(&plugins_workspace(), "release")?;
-    let pick = |n: &str| built.get(n).cloned().with_context(|| format!("plugin `{n}` was not built"));
+    let pick = |n: &str| {
+        built
+            .get(n)
+            .cloned()
+            .with_context(|| format!("plugin `{n}` was not built"))
+    };
     let cache = tempfile::tempdir()?;
     let config = BenchConfig {
         provider_wasm: pick("app-version")?,

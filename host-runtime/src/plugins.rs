@@ -22,11 +22,13 @@ impl PoolKvpStore {
         Self { store }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut PoolStore) -> Result<T, hvisd_kvp::StoreError>) -> Result<T, KvpError> {
-        let mut store = self
-            .store
-            .lock()
-            .map_err(|_| KvpError::Unavailable("the pool store is poisoned by an earlier panic".into()))?;
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut PoolStore) -> Result<T, hvisd_kvp::StoreError>,
+    ) -> Result<T, KvpError> {
+        let mut store = self.store.lock().map_err(|_| {
+            KvpError::Unavailable("the pool store is poisoned by an earlier panic".into())
+        })?;
         f(&mut store).map_err(|e| KvpError::Unavailable(e.to_string()))
     }
 }
@@ -65,7 +67,8 @@ fn value_text(value: &Value) -> String {
 
 impl KvpStore for PoolKvpStore {
     fn get(&self, pool: Pool, key: &str) -> Result<Option<Value>, KvpError> {
-        self.with(|s| s.get(wire_pool(pool), key)).map(|v| v.map(Value::Text))
+        self.with(|s| s.get(wire_pool(pool), key))
+            .map(|v| v.map(Value::Text))
     }
     fn set(&self, pool: Pool, key: &str, value: &Value) -> Result<(), KvpError> {
         self.with(|s| s.set(wire_pool(pool), key, &value_text(value)))
@@ -74,7 +77,8 @@ impl KvpStore for PoolKvpStore {
         self.with(|s| s.delete(wire_pool(pool), key))
     }
     fn list(&self, pool: Pool) -> Result<Vec<String>, KvpError> {
-        self.with(|s| s.list(wire_pool(pool))).map(|kv| kv.into_iter().map(|(k, _)| k).collect())
+        self.with(|s| s.list(wire_pool(pool)))
+            .map(|kv| kv.into_iter().map(|(k, _)| k).collect())
     }
 }
 
@@ -105,21 +109,32 @@ impl GuestKeyProvider for PluginKeys {
     }
 }
 
-/// Builds the Guest-pool key set from the providers the host has loaded now.
-pub fn guest_keys(host: &Arc<PluginHost>, config: &Config) -> Result<GuestKeys, hvisd_kvp::guest_keys::GuestKeyError> {
-    let providers = host
-        .provider_keys()
+/// One Guest-pool key source per KVP-provider plugin the host has loaded now.
+pub fn providers(host: &Arc<PluginHost>) -> Vec<Arc<dyn GuestKeyProvider>> {
+    host.provider_keys()
         .into_iter()
         .map(|p| {
-            let keys = p.keys.iter().filter(|k| k.pool == Pool::Guest).map(|k| k.key.clone()).collect();
+            let keys = p
+                .keys
+                .iter()
+                .filter(|k| k.pool == Pool::Guest)
+                .map(|k| k.key.clone())
+                .collect();
             Arc::new(PluginKeys {
                 host: host.clone(),
                 plugin: p.plugin,
                 keys,
             }) as Arc<dyn GuestKeyProvider>
         })
-        .collect();
-    GuestKeys::new(providers, config.kvp.guest_key_options())
+        .collect()
+}
+
+/// Builds the Guest-pool key set from the providers the host has loaded now.
+pub fn guest_keys(
+    host: &Arc<PluginHost>,
+    config: &Config,
+) -> Result<GuestKeys, hvisd_kvp::guest_keys::GuestKeyError> {
+    GuestKeys::new(providers(host), config.kvp.guest_key_options())
 }
 
 /// Why plugins could not start.
@@ -132,7 +147,9 @@ pub enum PluginSetupError {
     #[error("plugin keys: {0}")]
     Keys(#[from] hvisd_kvp::guest_keys::GuestKeyError),
     /// Plugins need the KVP store.
-    #[error("plugins are configured but [services] kvp = false; the kvp-store import needs the pools")]
+    #[error(
+        "plugins are configured but [services] kvp = false; the kvp-store import needs the pools"
+    )]
     NoKvp,
 }
 
@@ -146,11 +163,17 @@ pub struct Plugins {
 impl Plugins {
     /// Starts the plugin host for `config.plugin` (None when there are none), loads every plugin,
     /// installs the providers' keys in the KVP service, and forwards host-set keys to subscribers.
-    pub async fn start(config: &Config, services: &Services) -> Result<Option<Self>, PluginSetupError> {
+    pub async fn start(
+        config: &Config,
+        services: &Services,
+    ) -> Result<Option<Self>, PluginSetupError> {
         if config.plugin.is_empty() {
             return Ok(None);
         }
-        let kvp = services.kvp_core().cloned().ok_or(PluginSetupError::NoKvp)?;
+        let kvp = services
+            .kvp_core()
+            .cloned()
+            .ok_or(PluginSetupError::NoKvp)?;
         let store = kvp.lock().await.store();
         let host = Arc::new(PluginHost::new(
             &config.plugins.cache_dir,
@@ -195,14 +218,20 @@ impl Plugins {
                     Ok(event) => {
                         let Some(value) = event.value else { continue };
                         for e in host
-                            .notify_host_set(plugin_pool(event.pool), &event.key, &Value::Text(value))
+                            .notify_host_set(
+                                plugin_pool(event.pool),
+                                &event.key,
+                                &Value::Text(value),
+                            )
                             .await
                         {
                             tracing::warn!("host-set notification: {e}");
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!("{n} host-set notifications were dropped: subscribers were too slow");
+                        tracing::warn!(
+                            "{n} host-set notifications were dropped: subscribers were too slow"
+                        );
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 }
