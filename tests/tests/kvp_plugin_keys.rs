@@ -72,7 +72,12 @@ fn records(entry: &Value) -> Vec<(String, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["key"].as_str().unwrap().to_owned(), r["value"].as_str().unwrap().to_owned()))
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap().to_owned(),
+                r["value"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect()
 }
 
@@ -82,7 +87,9 @@ fn plugin_keys_reach_the_host_and_bad_providers_never_stall_it() {
     let root = tempfile::tempdir().unwrap();
     let config = config(data.path());
     let guest = GuestProcess::start_shm_with_config(root.path(), &config);
-    guest.process.wait_for_log("plugin loaded", Duration::from_secs(60));
+    guest
+        .process
+        .wait_for_log("plugin loaded", Duration::from_secs(60));
     let script = json!([
         {"action": "offer", "service": "kvp"},
         {"action": "kvp_set", "pool": "guest", "key": "from-host", "value": "file record"},
@@ -94,17 +101,34 @@ fn plugin_keys_reach_the_host_and_bad_providers_never_stall_it() {
     let out = run_host_script(root.path(), &script.to_string(), TIMEOUT);
     let entries = transcript(&out);
     for e in &entries {
-        assert_eq!(e["ok"], true, "action failed: {e}\n{}", guest.process.stderr());
+        assert_eq!(
+            e["ok"],
+            true,
+            "action failed: {e}\n{}",
+            guest.process.stderr()
+        );
     }
 
     for step in [2, 5] {
         let listed = records(&entries[step]);
-        assert!(listed.contains(&("from-host".into(), "file record".into())), "{listed:?}");
-        assert!(listed.contains(&("app.version".into(), "4.2.0".into())), "{listed:?}");
-        assert!(listed.contains(&("app.health".into(), "ok".into())), "{listed:?}");
+        assert!(
+            listed.contains(&("from-host".into(), "file record".into())),
+            "{listed:?}"
+        );
+        assert!(
+            listed.contains(&("app.version".into(), "4.2.0".into())),
+            "{listed:?}"
+        );
+        assert!(
+            listed.contains(&("app.health".into(), "ok".into())),
+            "{listed:?}"
+        );
         assert!(listed.contains(&("ok".into(), "fine".into())), "{listed:?}");
         // No good value ever came from these: they are left out, not failed.
-        assert!(!listed.iter().any(|(k, _)| k == "spin" || k == "trap"), "{listed:?}");
+        assert!(
+            !listed.iter().any(|(k, _)| k == "spin" || k == "trap"),
+            "{listed:?}"
+        );
         // The whole enumeration (one request per record) took a few KVP deadlines at most, not the
         // spinning plugin's 5 s call deadline.
         let elapsed_ms = entries[step]["elapsed_us"].as_u64().unwrap() / 1000;
@@ -116,5 +140,8 @@ fn plugin_keys_reach_the_host_and_bad_providers_never_stall_it() {
     assert!(entries[4]["elapsed_us"].as_u64().unwrap() < 2_500_000);
 
     let log = guest.process.stderr();
-    assert!(log.contains("misbehave"), "the bad provider is named in the log:\n{log}");
+    assert!(
+        log.contains("misbehave"),
+        "the bad provider is named in the log:\n{log}"
+    );
 }
