@@ -82,7 +82,7 @@ async fn a_uio_device_found_in_sysfs_answers_negotiation_and_heartbeats() {
         "heartbeat",
         ServiceKind::Heartbeat,
         host_channel,
-        &tmp.path().join("dev"),
+        &device.dev_path,
         RING_SIZE,
     );
     let script = Script::parse(
@@ -106,5 +106,22 @@ async fn a_uio_device_found_in_sysfs_answers_negotiation_and_heartbeats() {
     for ring in [0usize, RING_SIZE as usize] {
         assert_eq!(&bytes[ring + 64..ring + 68], &1u32.to_le_bytes());
     }
-    guest_task.abort();
+
+    // A hostile host scribbles an unaligned write_index: the guest reports it and closes the channel.
+    let corrupt = Script::parse(
+        r#"[{"action": "corrupt_ring", "name": "heartbeat", "field": "write_index", "value": 3}]"#,
+        "uio test",
+    )
+    .unwrap();
+    assert_eq!(host.run(&corrupt).await.entries()[0]["ok"], true);
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), guest_task)
+        .await
+        .expect("the guest closed the channel")
+        .unwrap();
+    let err = ended.unwrap_err();
+    assert!(
+        matches!(err, hvisd::channel::ChannelError::Ring { .. })
+            && err.to_string().contains("write_index"),
+        "{err}"
+    );
 }

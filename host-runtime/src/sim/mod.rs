@@ -90,7 +90,10 @@ pub enum SimError {
 struct HostChannel {
     service: ServiceKind,
     channel: Channel,
-    dir: PathBuf,
+    /// The offer directory (removed on rescind); `None` for attached channels.
+    dir: Option<PathBuf>,
+    /// The file holding both rings (`dir/ring`, or a uio device's map).
+    ring_path: PathBuf,
     ring_size: u32,
     /// The IC state: offered and negotiated versions, IC transaction ids.
     ic: IcHost,
@@ -114,13 +117,13 @@ impl HostSimulator {
     }
 
     /// Adds a channel the host already has open by other means (a uio test rig, say), so scripts can
-    /// address it by `name`. `dir` is where its `ring` file lives (for `corrupt_ring`).
+    /// address it by `name`. `ring_path` is the file holding both rings (for `corrupt_ring`).
     pub fn attach(
         &mut self,
         name: &str,
         service: ServiceKind,
         channel: Channel,
-        dir: &Path,
+        ring_path: &Path,
         ring_size: u32,
     ) {
         self.channels.insert(
@@ -128,7 +131,8 @@ impl HostSimulator {
             HostChannel {
                 service,
                 channel,
-                dir: dir.to_owned(),
+                dir: None,
+                ring_path: ring_path.to_owned(),
                 ring_size,
                 ic: IcHost::new(service.message_type(), ic_host::offers::FRAMEWORK, &[]),
                 next_request_id: 1,
@@ -227,7 +231,8 @@ impl HostSimulator {
                     HostChannel {
                         service: kind,
                         channel,
-                        dir,
+                        ring_path: dir.join("ring"),
+                        dir: Some(dir),
                         ring_size: offer.ring_size,
                         ic: IcHost::new(kind.message_type(), ic_host::offers::FRAMEWORK, &[]),
                         next_request_id: 1,
@@ -418,7 +423,9 @@ impl HostSimulator {
                 match outcome {
                     Ok(ChannelError::Closed { .. }) => {
                         if let Some(ch) = self.channels.remove(name) {
-                            let _ = shm_host::rescind(&ch.dir);
+                            if let Some(dir) = &ch.dir {
+                                let _ = shm_host::rescind(dir);
+                            }
                         }
                         entry.insert("closed_by_guest".into(), json!(true));
                         Ok(())
@@ -432,7 +439,9 @@ impl HostSimulator {
                     .channels
                     .remove(name)
                     .ok_or_else(|| SimError::NoChannel(name.clone()))?;
-                shm_host::rescind(&ch.dir)?;
+                if let Some(dir) = &ch.dir {
+                    shm_host::rescind(dir)?;
+                }
                 entry.insert("name".into(), json!(name));
                 Ok(())
             }
@@ -687,7 +696,7 @@ fn raw_rings(ch: &HostChannel) -> Result<(MappedRing, MappedRing), SimError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(ch.dir.join("ring"))
+        .open(&ch.ring_path)
         .map_err(|e| SimError::BadArgument(format!("opening ring file: {e}")))?;
     let map = SharedMapping::map_file(&file, 2 * ring_size)
         .map_err(|e| SimError::BadArgument(format!("mapping ring file: {e}")))?;
