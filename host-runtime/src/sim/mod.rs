@@ -422,10 +422,10 @@ impl HostSimulator {
                 entry.insert("name".into(), json!(name));
                 match outcome {
                     Ok(ChannelError::Closed { .. }) => {
-                        if let Some(ch) = self.channels.remove(name) {
-                            if let Some(dir) = &ch.dir {
-                                let _ = shm_host::rescind(dir);
-                            }
+                        if let Some(ch) = self.channels.remove(name)
+                            && let Some(dir) = &ch.dir
+                        {
+                            let _ = shm_host::rescind(dir);
                         }
                         entry.insert("closed_by_guest".into(), json!(true));
                         Ok(())
