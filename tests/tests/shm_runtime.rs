@@ -7,7 +7,7 @@ use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn entry<'a>(entries: &'a [Value], step: usize) -> &'a Value {
+fn entry(entries: &[Value], step: usize) -> &Value {
     &entries[step - 1]
 }
 
