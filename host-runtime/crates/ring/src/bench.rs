@@ -81,6 +81,11 @@ pub struct RingBenchCase {
     pub memcpy_gb_per_sec: f64,
     /// `payload_gb_per_sec / memcpy_gb_per_sec`.
     pub ratio_to_memcpy: f64,
+    /// The cross-thread copy baseline for this payload size ([`MemcpyCase::cross_thread_gb_per_sec`]).
+    pub cross_thread_gb_per_sec: f64,
+    /// `payload_gb_per_sec / cross_thread_gb_per_sec`: the ring's cost over the least any
+    /// two-thread transfer of these bytes costs on this machine.
+    pub ratio_to_cross_thread: f64,
 }
 
 /// The memcpy baseline for one payload size: the same bytes copied into a buffer of the
@@ -93,6 +98,10 @@ pub struct MemcpyCase {
     pub copies: u64,
     /// Payload gigabytes (10^9) per second.
     pub gb_per_sec: f64,
+    /// The same copies in and out of the same-sized shared buffer, but by two threads (one
+    /// writes, one reads, spinning on two counters, no packet format, no signals): what moving
+    /// these bytes between cores costs on this machine, which no two-thread ring can beat.
+    pub cross_thread_gb_per_sec: f64,
 }
 
 /// The ring's CPU cost alone: one thread writes a batch, then reads it back, so no cache
@@ -147,7 +156,7 @@ impl RingBenchReport {
             self.reader_work
         );
         println!(
-            "{:>7} {:>5} {:>10} {:>12} {:>8} {:>8} {:>8} {:>7} {:>7}",
+            "{:>7} {:>5} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}",
             "payload",
             "batch",
             "packets",
@@ -155,12 +164,14 @@ impl RingBenchReport {
             "GB/s",
             "memcpy",
             "ratio",
+            "x-thread",
+            "ratio",
             "sig/pkt",
             "wrapped"
         );
         for c in &self.cases {
             println!(
-                "{:>7} {:>5} {:>10} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>7.4} {:>7}",
+                "{:>7} {:>5} {:>10} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.4} {:>7}",
                 c.payload_len,
                 c.batch,
                 c.packets,
@@ -168,6 +179,8 @@ impl RingBenchReport {
                 c.payload_gb_per_sec,
                 c.memcpy_gb_per_sec,
                 c.ratio_to_memcpy,
+                c.cross_thread_gb_per_sec,
+                c.ratio_to_cross_thread,
                 c.signals_per_packet,
                 c.wrapped_packets
             );
@@ -198,11 +211,16 @@ pub fn run_ring_bench(opts: &RingBenchOptions) -> Result<RingBenchReport, RingEr
         let packets = (opts.bytes_per_case / payload_len.max(1) as u64)
             .clamp(opts.min_packets, opts.max_packets);
         let repeats = opts.repeats.max(1);
-        let baseline = best_of(
+        let mut baseline = best_of(
             repeats,
             |c: &MemcpyCase| c.gb_per_sec,
             || Ok(memcpy_baseline(payload_len, data_len, packets)),
         )?;
+        baseline.cross_thread_gb_per_sec = (0..repeats)
+            .map(|_| cross_thread_baseline(opts.ring_size, payload_len, packets))
+            .collect::<Result<Vec<f64>, RingError>>()?
+            .into_iter()
+            .fold(0.0, f64::max);
         for batch in [1, opts.batch.max(1)] {
             let mut case = best_of(
                 repeats,
@@ -211,6 +229,9 @@ pub fn run_ring_bench(opts: &RingBenchOptions) -> Result<RingBenchReport, RingEr
             )?;
             case.memcpy_gb_per_sec = baseline.gb_per_sec;
             case.ratio_to_memcpy = case.payload_gb_per_sec / baseline.gb_per_sec;
+            case.cross_thread_gb_per_sec = baseline.cross_thread_gb_per_sec;
+            case.ratio_to_cross_thread =
+                case.payload_gb_per_sec / baseline.cross_thread_gb_per_sec.max(f64::MIN_POSITIVE);
             cases.push(case);
         }
         let mut one = best_of(
@@ -330,6 +351,8 @@ fn run_case(
         wrapped_packets: stats.copied_packets,
         memcpy_gb_per_sec: 0.0,
         ratio_to_memcpy: 0.0,
+        cross_thread_gb_per_sec: 0.0,
+        ratio_to_cross_thread: 0.0,
     })
 }
 
@@ -401,5 +424,57 @@ fn memcpy_baseline(payload_len: usize, data_len: usize, copies: u64) -> MemcpyCa
         payload_len,
         copies,
         gb_per_sec: (copies * payload_len as u64) as f64 / seconds / 1e9,
+        cross_thread_gb_per_sec: 0.0,
     }
+}
+
+/// Two threads copy `copies` payloads through the data area of a shared mapping of the ring's
+/// size: the writer copies into the next slot and bumps a counter (Release), the reader spins on it
+/// (Acquire), copies out and bumps its own. Returns payload GB/s.
+fn cross_thread_baseline(
+    ring_size: usize,
+    payload_len: usize,
+    copies: u64,
+) -> Result<f64, RingError> {
+    use crate::RingMem;
+    use std::sync::atomic::Ordering;
+    let map = crate::SharedMapping::anonymous(ring_size)?;
+    let mem = crate::MappedRing::new(map, 0, ring_size, "cross-thread baseline")?;
+    let slots = (mem.data_len() / payload_len.max(1)).max(1) as u64;
+    let copies32 = u32::try_from(copies).unwrap_or(u32::MAX);
+    let reader_mem = mem.clone();
+    let start = Instant::now();
+    let reader = std::thread::spawn(move || {
+        let mut sink = vec![0u8; payload_len];
+        for n in 0..copies32 {
+            // Slot n is ready once the writer's count passed n.
+            while reader_mem.control()[0]
+                .load(Ordering::Acquire)
+                .wrapping_sub(n)
+                == 0
+            {
+                std::hint::spin_loop();
+            }
+            let at = (u64::from(n) % slots) as usize * payload_len;
+            reader_mem.read_at(at, &mut sink);
+            black_box(&sink);
+            reader_mem.control()[1].store(n.wrapping_add(1), Ordering::Release);
+        }
+    });
+    let source: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
+    for n in 0..copies32 {
+        // Wait for a free slot: at most `slots` copies ahead of the reader.
+        while u64::from(n.wrapping_sub(mem.control()[1].load(Ordering::Acquire))) >= slots {
+            std::hint::spin_loop();
+        }
+        let at = (u64::from(n) % slots) as usize * payload_len;
+        mem.write_at(at, black_box(&source));
+        mem.control()[0].store(n.wrapping_add(1), Ordering::Release);
+    }
+    // The reader only copies bytes; a panic there is a bug in this function, so pass it on.
+    if let Err(panic) = reader.join() {
+        std::panic::resume_unwind(panic);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok((u64::from(copies32) * payload_len as u64) as f64 / seconds / 1e9)
 }
