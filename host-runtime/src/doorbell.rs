@@ -7,7 +7,7 @@
 
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use tokio::io::unix::AsyncFd;
 
@@ -125,11 +125,6 @@ impl Doorbell {
             Err(rustix::io::Errno::CONNRESET) => Err(DoorbellError::Closed),
             Err(e) => Err(DoorbellError::Io(e.into())),
         }
-    }
-
-    /// The descriptor, for callers that need to poll it with something else.
-    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.fd.get_ref().as_fd()
     }
 }
 

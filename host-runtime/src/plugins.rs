@@ -184,7 +184,7 @@ impl Plugins {
         )?);
         let plugins = Self { host, kvp };
         plugins.apply(config).await?;
-        plugins.forward_host_sets();
+        plugins.forward_host_sets().await;
         Ok(Some(plugins))
     }
 
@@ -203,14 +203,9 @@ impl Plugins {
         Ok(())
     }
 
-    fn forward_host_sets(&self) {
-        let mut events = {
-            // The receiver is taken before start returns, so no host SET after start is missed.
-            match self.kvp.try_lock() {
-                Ok(core) => core.subscribe(),
-                Err(_) => return,
-            }
-        };
+    async fn forward_host_sets(&self) {
+        // Subscribed before `start` returns, so no host SET after start is missed.
+        let mut events = self.kvp.lock().await.subscribe();
         let host = self.host.clone();
         tokio::spawn(async move {
             loop {
