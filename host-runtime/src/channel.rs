@@ -68,7 +68,8 @@ pub struct OwnedPacket {
     pub flags: u16,
     /// Transaction id, echoed in replies.
     pub transaction_id: u64,
-    /// Bytes after the descriptor, ring padding included (as Linux's `vmbus_recvpacket` returns them).
+    /// Bytes after the descriptor, ring padding included (as Linux's `vmbus_recvpacket` returns them),
+    /// copied out of the ring.
     pub payload: Vec<u8>,
 }
 
@@ -182,13 +183,15 @@ impl Channel {
         self.doorbell.wait().await.map_err(|e| self.doorbell_err(e))
     }
 
-    /// Receives up to `max` packets (at least one), waiting for the peer when the ring is empty.
-    /// The batch is returned to the ring with one `read_index` update.
+    /// Receives up to `max` packets (at least one, whatever `max` says), waiting for the peer when
+    /// the ring is empty. Each payload is copied out of the ring; the batch is returned to the ring
+    /// with one `read_index` update.
     pub async fn recv_batch(
         &mut self,
         out: &mut Vec<OwnedPacket>,
         max: usize,
     ) -> Result<(), ChannelError> {
+        let max = max.max(1);
         loop {
             // Masked while we drain: the peer need not interrupt us for packets we are about to see.
             self.rings.reader.set_interrupt_mask(true);
@@ -198,12 +201,13 @@ impl Channel {
                     Err(source) => return Err(ring_error(&self.label, source)),
                 };
                 while out.len() < max {
-                    match batch.next() {
-                        Ok(Some(packet)) => out.push(OwnedPacket {
-                            packet_type: packet.packet_type,
-                            flags: packet.flags,
-                            transaction_id: packet.transaction_id,
-                            payload: packet.payload.to_vec(),
+                    let mut payload = Vec::new();
+                    match batch.next_into(&mut payload) {
+                        Ok(Some(meta)) => out.push(OwnedPacket {
+                            packet_type: meta.packet_type,
+                            flags: meta.flags,
+                            transaction_id: meta.transaction_id,
+                            payload,
                         }),
                         Ok(None) => break,
                         Err(source) => return Err(ring_error(&self.label, source)),

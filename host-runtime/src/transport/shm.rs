@@ -174,7 +174,8 @@ impl ShmRoot {
         };
         // Offer::parse bounds ring_size to 64 MiB, so the length fits usize on every target we build.
         let ring_size = found.offer.ring_size as usize;
-        let map = SharedMapping::map_file(&file, 2 * ring_size).map_err(ring_err)?;
+        let map = SharedMapping::map_file(&file, 2 * ring_size)
+            .map_err(|e| ring_err(e.into()))?;
         let rings = RingPair::new(map, ring_size, Role::Guest).map_err(ring_err)?;
         rings.set_feature_bits();
 

@@ -209,7 +209,8 @@ impl UioDevice {
             dev: self.dev_path.clone(),
             source,
         };
-        let map = SharedMapping::map_file(ring_file, 2 * self.ring_size).map_err(ring_err)?;
+        let map = SharedMapping::map_file(ring_file, 2 * self.ring_size)
+            .map_err(|e| ring_err(e.into()))?;
         let rings = RingPair::new(map, self.ring_size, Role::Guest).map_err(ring_err)?;
         rings.set_feature_bits();
         Ok(Channel::new(rings, doorbell, label))

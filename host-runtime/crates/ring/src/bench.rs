@@ -34,6 +34,48 @@ pub struct RingBenchOptions {
     /// Runs of every measurement; the fastest is reported (on a shared machine the slower
     /// runs measure other processes' load, not the ring).
     pub repeats: u32,
+    /// Where the writer and reader threads run; each placement is measured in turn.
+    pub placements: Vec<Placement>,
+}
+
+/// Where the benchmark pins its two threads. On a small VM the placement decides the figures:
+/// sharing a CPU costs context switches but keeps the data in one cache, while a CPU each
+/// pays for every byte to cross cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Placement {
+    /// Writer and reader pinned to the same CPU.
+    SameCpu,
+    /// Writer and reader pinned to two different CPUs.
+    Split,
+}
+
+impl Placement {
+    /// Both placements, in the order they are measured.
+    pub const ALL: [Placement; 2] = [Placement::SameCpu, Placement::Split];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Placement::SameCpu => "same-cpu",
+            Placement::Split => "split",
+        }
+    }
+
+    /// Parses `same-cpu` or `split`.
+    pub fn parse(s: &str) -> Option<Placement> {
+        Placement::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    /// (writer CPU, reader CPU) among the CPUs this process may use, or `None` when the
+    /// placement needs two CPUs and only one is allowed.
+    fn cpus(self, allowed: &[usize]) -> Option<(usize, usize)> {
+        let first = *allowed.first()?;
+        match self {
+            Placement::SameCpu => Some((first, first)),
+            Placement::Split => allowed.get(1).map(|&second| (second, first)),
+        }
+    }
 }
 
 impl Default for RingBenchOptions {
@@ -46,6 +88,7 @@ impl Default for RingBenchOptions {
             min_packets: 200_000,
             max_packets: 10_000_000,
             repeats: 3,
+            placements: Placement::ALL.to_vec(),
         }
     }
 }
@@ -53,6 +96,10 @@ impl Default for RingBenchOptions {
 /// One ring measurement.
 #[derive(Debug, Clone, Serialize)]
 pub struct RingBenchCase {
+    /// Where the two threads ran.
+    pub placement: Placement,
+    /// (writer CPU, reader CPU).
+    pub cpus: (usize, usize),
     /// Payload bytes per packet.
     pub payload_len: usize,
     /// Packets per writer commit.
@@ -92,6 +139,8 @@ pub struct RingBenchCase {
 /// ring's size and out again, on one thread.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemcpyCase {
+    /// The placement of the cross-thread part (the single-thread copy runs on the reader's CPU).
+    pub placement: Placement,
     /// Bytes per copy.
     pub payload_len: usize,
     /// Copies made (each in and out).
@@ -130,6 +179,8 @@ pub struct RingBenchReport {
     pub ring_size: usize,
     /// Logical CPUs available to this process.
     pub cpus: usize,
+    /// Placements that could not be measured, with the reason.
+    pub skipped: Vec<(Placement, String)>,
     /// Runs per measurement (the fastest is reported).
     pub repeats: u32,
     /// 1-minute load average when the run ended (other processes sharing the CPUs).
@@ -155,8 +206,12 @@ impl RingBenchReport {
             self.repeats,
             self.reader_work
         );
+        for (p, why) in &self.skipped {
+            println!("placement {} skipped: {why}", p.name());
+        }
         println!(
-            "{:>7} {:>5} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}",
+            "{:>9} {:>7} {:>5} {:>10} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}",
+            "placement",
             "payload",
             "batch",
             "packets",
@@ -171,7 +226,8 @@ impl RingBenchReport {
         );
         for c in &self.cases {
             println!(
-                "{:>7} {:>5} {:>10} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.4} {:>7}",
+                "{:>9} {:>7} {:>5} {:>10} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.4} {:>7}",
+                c.placement.name(),
                 c.payload_len,
                 c.batch,
                 c.packets,
@@ -200,57 +256,98 @@ impl RingBenchReport {
     }
 }
 
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(set) => (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| set.is_set(c))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Pins the calling thread to `cpu` (best effort: a failure leaves it where the scheduler puts
+/// it, and the report still names the placement asked for).
+fn pin_current_thread(cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    let _ = rustix::thread::sched_setaffinity(None, &set);
+}
+
 /// Runs every case of `opts`.
 pub fn run_ring_bench(opts: &RingBenchOptions) -> Result<RingBenchReport, RingError> {
     crate::check_ring_size(opts.ring_size)?;
     let data_len = opts.ring_size - PAGE_SIZE;
+    let allowed = allowed_cpus();
+    let original = rustix::thread::sched_getaffinity(None).ok();
     let mut cases = Vec::new();
     let mut memcpy = Vec::new();
     let mut single_thread = Vec::new();
-    for &payload_len in &opts.payload_sizes {
-        let packets = (opts.bytes_per_case / payload_len.max(1) as u64)
-            .clamp(opts.min_packets, opts.max_packets);
-        let repeats = opts.repeats.max(1);
-        let mut baseline = best_of(
-            repeats,
-            |c: &MemcpyCase| c.gb_per_sec,
-            || Ok(memcpy_baseline(payload_len, data_len, packets)),
-        )?;
-        baseline.cross_thread_gb_per_sec = (0..repeats)
-            .map(|_| cross_thread_baseline(opts.ring_size, payload_len, packets))
-            .collect::<Result<Vec<f64>, RingError>>()?
-            .into_iter()
-            .fold(0.0, f64::max);
-        for batch in [1, opts.batch.max(1)] {
-            let mut case = best_of(
+    let mut skipped = Vec::new();
+    let repeats = opts.repeats.max(1);
+    for &placement in &opts.placements {
+        let Some((writer_cpu, reader_cpu)) = placement.cpus(&allowed) else {
+            skipped.push((
+                placement,
+                format!("needs two CPUs, this process may use {allowed:?}"),
+            ));
+            continue;
+        };
+        // The main thread is the reader (and runs the single-thread baselines).
+        pin_current_thread(reader_cpu);
+        for &payload_len in &opts.payload_sizes {
+            let packets = (opts.bytes_per_case / payload_len.max(1) as u64)
+                .clamp(opts.min_packets, opts.max_packets);
+            let mut baseline = best_of(
                 repeats,
-                |c: &RingBenchCase| c.packets_per_sec,
-                || run_case(opts.ring_size, payload_len, batch, packets),
+                |c: &MemcpyCase| c.gb_per_sec,
+                || Ok(memcpy_baseline(placement, payload_len, data_len, packets)),
             )?;
-            case.memcpy_gb_per_sec = baseline.gb_per_sec;
-            case.ratio_to_memcpy = case.payload_gb_per_sec / baseline.gb_per_sec;
-            case.cross_thread_gb_per_sec = baseline.cross_thread_gb_per_sec;
-            case.ratio_to_cross_thread =
-                case.payload_gb_per_sec / baseline.cross_thread_gb_per_sec.max(f64::MIN_POSITIVE);
-            cases.push(case);
+            baseline.cross_thread_gb_per_sec = (0..repeats)
+                .map(|_| cross_thread_baseline(opts.ring_size, payload_len, packets, writer_cpu))
+                .collect::<Result<Vec<f64>, RingError>>()?
+                .into_iter()
+                .fold(0.0, f64::max);
+            for batch in [1, opts.batch.max(1)] {
+                let mut case = best_of(
+                    repeats,
+                    |c: &RingBenchCase| c.packets_per_sec,
+                    || run_case(opts.ring_size, payload_len, batch, packets, writer_cpu),
+                )?;
+                case.placement = placement;
+                case.cpus = (writer_cpu, reader_cpu);
+                case.memcpy_gb_per_sec = baseline.gb_per_sec;
+                case.ratio_to_memcpy = case.payload_gb_per_sec / baseline.gb_per_sec;
+                case.cross_thread_gb_per_sec = baseline.cross_thread_gb_per_sec;
+                case.ratio_to_cross_thread = case.payload_gb_per_sec
+                    / baseline.cross_thread_gb_per_sec.max(f64::MIN_POSITIVE);
+                cases.push(case);
+            }
+            if placement == Placement::SameCpu || !opts.placements.contains(&Placement::SameCpu)
+            {
+                let mut one = best_of(
+                    repeats,
+                    |c: &SingleThreadCase| c.packets_per_sec,
+                    || single_thread_case(opts.ring_size, payload_len, opts.batch.max(1), packets),
+                )?;
+                one.ratio_to_memcpy = one.payload_gb_per_sec / baseline.gb_per_sec;
+                single_thread.push(one);
+            }
+            memcpy.push(baseline);
         }
-        let mut one = best_of(
-            repeats,
-            |c: &SingleThreadCase| c.packets_per_sec,
-            || single_thread_case(opts.ring_size, payload_len, opts.batch.max(1), packets),
-        )?;
-        one.ratio_to_memcpy = one.payload_gb_per_sec / baseline.gb_per_sec;
-        single_thread.push(one);
-        memcpy.push(baseline);
+    }
+    if let Some(set) = original {
+        let _ = rustix::thread::sched_setaffinity(None, &set);
     }
     Ok(RingBenchReport {
         ring_size: opts.ring_size,
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        repeats: opts.repeats.max(1),
+        cpus: allowed.len(),
+        skipped,
+        repeats,
         load_average_1m: std::fs::read_to_string("/proc/loadavg")
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse().ok()),
-        reader_work: "copies each payload out and checks the transaction id sequence",
+        reader_work: "copies each payload out of the ring and checks the transaction id sequence",
         cases,
         memcpy,
         single_thread,
@@ -278,6 +375,7 @@ fn run_case(
     payload_len: usize,
     batch: usize,
     packets: u64,
+    writer_cpu: usize,
 ) -> Result<RingBenchCase, RingError> {
     let map = SharedMapping::anonymous(ring_size)?;
     let ring = MappedRing::new(map, 0, ring_size, "bench ring")?;
@@ -299,6 +397,7 @@ fn run_case(
 
     let start = Instant::now();
     let producer = std::thread::spawn(move || -> Result<(u64, u64), RingError> {
+        pin_current_thread(writer_cpu);
         let mut waits = 0;
         let mut packets_buf = Vec::with_capacity(batch);
         let mut seq = 0u64;
@@ -316,16 +415,21 @@ fn run_case(
     let mut expected = 0u64;
     let mut out_of_order = None;
     let mut reader_waits = 0;
-    receive_until(&mut reader, &mut reader_bell, &mut reader_waits, |packet| {
-        if packet.transaction_id != expected && out_of_order.is_none() {
-            out_of_order = Some((expected, packet.transaction_id));
-        }
-        let n = packet.payload.len().min(sink.len());
-        sink[..n].copy_from_slice(&packet.payload[..n]);
-        black_box(&sink);
-        expected += 1;
-        expected < packets
-    })?;
+    receive_until(
+        &mut reader,
+        &mut reader_bell,
+        &mut reader_waits,
+        |batch, packet| {
+            if packet.transaction_id != expected && out_of_order.is_none() {
+                out_of_order = Some((expected, packet.transaction_id));
+            }
+            let n = packet.payload_len.min(sink.len());
+            batch.read_payload(packet, 0, &mut sink[..n])?;
+            black_box(&sink);
+            expected += 1;
+            Ok(expected < packets)
+        },
+    )?;
     let seconds = start.elapsed().as_secs_f64();
     let (writer_waits, signals_to_reader) = producer.join().map_err(|_| RingError::Os {
         call: "benchmark writer thread (panicked)",
@@ -337,6 +441,8 @@ fn run_case(
     let signals_to_writer = reader_bell.sent;
     let stats = reader.stats();
     Ok(RingBenchCase {
+        placement: Placement::SameCpu,
+        cpus: (writer_cpu, writer_cpu),
         payload_len,
         batch,
         packets,
@@ -348,7 +454,7 @@ fn run_case(
         signals_per_packet: (signals_to_reader + signals_to_writer) as f64 / packets as f64,
         reader_waits,
         writer_waits,
-        wrapped_packets: stats.copied_packets,
+        wrapped_packets: stats.wrapped_packets,
         memcpy_gb_per_sec: 0.0,
         ratio_to_memcpy: 0.0,
         cross_thread_gb_per_sec: 0.0,
@@ -383,8 +489,8 @@ fn single_thread_case(
         black_box(out.commit());
         let mut inp = reader.begin()?;
         while let Some(packet) = inp.next()? {
-            let len = packet.payload.len().min(sink.len());
-            sink[..len].copy_from_slice(&packet.payload[..len]);
+            let len = packet.payload_len.min(sink.len());
+            inp.read_payload(&packet, 0, &mut sink[..len])?;
             black_box(&sink);
         }
         black_box(inp.commit());
@@ -403,7 +509,12 @@ fn single_thread_case(
 
 /// Copies `payload_len` bytes into a ring-sized buffer at the offsets the ring would use
 /// (advancing by the packet length, restarting at 0 instead of wrapping) and out again.
-fn memcpy_baseline(payload_len: usize, data_len: usize, copies: u64) -> MemcpyCase {
+fn memcpy_baseline(
+    placement: Placement,
+    payload_len: usize,
+    data_len: usize,
+    copies: u64,
+) -> MemcpyCase {
     let source: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
     let mut buffer = vec![0u8; data_len];
     let mut sink = vec![0u8; payload_len];
@@ -421,10 +532,25 @@ fn memcpy_baseline(payload_len: usize, data_len: usize, copies: u64) -> MemcpyCa
     }
     let seconds = start.elapsed().as_secs_f64();
     MemcpyCase {
+        placement,
         payload_len,
         copies,
         gb_per_sec: (copies * payload_len as u64) as f64 / seconds / 1e9,
         cross_thread_gb_per_sec: 0.0,
+    }
+}
+
+/// Spins until `ready`, yielding the CPU now and then so that two threads sharing one CPU
+/// still make progress.
+fn wait_until(ready: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    while !ready() {
+        spins += 1;
+        if spins.is_multiple_of(64) {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -435,6 +561,7 @@ fn cross_thread_baseline(
     ring_size: usize,
     payload_len: usize,
     copies: u64,
+    writer_cpu: usize,
 ) -> Result<f64, RingError> {
     use crate::RingMem;
     use std::sync::atomic::Ordering;
@@ -442,37 +569,34 @@ fn cross_thread_baseline(
     let mem = crate::MappedRing::new(map, 0, ring_size, "cross-thread baseline")?;
     let slots = (mem.data_len() / payload_len.max(1)).max(1) as u64;
     let copies32 = u32::try_from(copies).unwrap_or(u32::MAX);
-    let reader_mem = mem.clone();
+    let writer_mem = mem.clone();
     let start = Instant::now();
-    let reader = std::thread::spawn(move || {
-        let mut sink = vec![0u8; payload_len];
+    // The writer is the spawned thread on `writer_cpu`; this thread (on the reader's CPU)
+    // reads, as in the ring cases.
+    let writer = std::thread::spawn(move || {
+        pin_current_thread(writer_cpu);
+        let source: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
         for n in 0..copies32 {
-            // Slot n is ready once the writer's count passed n.
-            while reader_mem.control()[0]
-                .load(Ordering::Acquire)
-                .wrapping_sub(n)
-                == 0
-            {
-                std::hint::spin_loop();
-            }
+            // Wait for a free slot: at most `slots` copies ahead of the reader.
+            wait_until(|| {
+                u64::from(n.wrapping_sub(writer_mem.control()[1].load(Ordering::Acquire))) < slots
+            });
             let at = (u64::from(n) % slots) as usize * payload_len;
-            reader_mem.read_at(at, &mut sink);
-            black_box(&sink);
-            reader_mem.control()[1].store(n.wrapping_add(1), Ordering::Release);
+            writer_mem.write_at(at, black_box(&source));
+            writer_mem.control()[0].store(n.wrapping_add(1), Ordering::Release);
         }
     });
-    let source: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
+    let mut sink = vec![0u8; payload_len];
     for n in 0..copies32 {
-        // Wait for a free slot: at most `slots` copies ahead of the reader.
-        while u64::from(n.wrapping_sub(mem.control()[1].load(Ordering::Acquire))) >= slots {
-            std::hint::spin_loop();
-        }
+        // Slot n is ready once the writer's count passed n.
+        wait_until(|| mem.control()[0].load(Ordering::Acquire).wrapping_sub(n) != 0);
         let at = (u64::from(n) % slots) as usize * payload_len;
-        mem.write_at(at, black_box(&source));
-        mem.control()[0].store(n.wrapping_add(1), Ordering::Release);
+        mem.read_at(at, &mut sink);
+        black_box(&sink);
+        mem.control()[1].store(n.wrapping_add(1), Ordering::Release);
     }
-    // The reader only copies bytes; a panic there is a bug in this function, so pass it on.
-    if let Err(panic) = reader.join() {
+    // The writer only copies bytes; a panic there is a bug in this function, so pass it on.
+    if let Err(panic) = writer.join() {
         std::panic::resume_unwind(panic);
     }
     let seconds = start.elapsed().as_secs_f64();

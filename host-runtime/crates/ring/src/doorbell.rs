@@ -73,7 +73,9 @@ impl Doorbell {
     }
 }
 
-use crate::{IncomingPacket, PacketHeader, RingError, RingMem, RingReader, RingWriter, WriteError};
+use crate::{
+    IncomingPacket, PacketHeader, ReadBatch, RingError, RingMem, RingReader, RingWriter, WriteError,
+};
 
 fn os(call: &'static str) -> impl FnOnce(Errno) -> RingError {
     move |source| RingError::Os { call, source }
@@ -112,8 +114,9 @@ pub(crate) fn send_blocking<M: RingMem>(
             bell.ring().map_err(os("doorbell send"))?;
         }
         let Some(needed) = full else { break };
-        let wanted = needed.max(writer.data_len() / 4);
-        // `wanted` is below the ring size (at most 1 GiB): fits u32.
+        // The spec: exactly the bytes the next packet needs (`8 * len8 + 8`).
+        let wanted = needed;
+        // `wanted` is below the ring size (at most 64 MiB): fits u32.
         writer.set_pending_send_size(wanted as u32);
         pending = true;
         if writer.free_space()? > wanted {
@@ -136,16 +139,22 @@ pub(crate) fn receive_until<M: RingMem>(
     reader: &mut RingReader<M>,
     bell: &mut Doorbell,
     waits: &mut u64,
-    mut on_packet: impl FnMut(&IncomingPacket<'_>) -> bool,
+    mut on_packet: impl FnMut(&ReadBatch<'_, M>, &IncomingPacket) -> Result<bool, RingError>,
 ) -> Result<(), RingError> {
     reader.set_interrupt_mask(true);
+    // Hand space back to the writer every quarter ring, so that it refills while we copy
+    // instead of waiting for a whole ring to be drained.
+    let commit_every = reader.data_len() / 4;
     loop {
         let mut batch = reader.begin()?;
         let mut got = 0usize;
         let mut more = true;
-        while more && let Some(packet) = batch.next()? {
+        while more
+            && batch.consumed() < commit_every
+            && let Some(packet) = batch.next()?
+        {
             got += 1;
-            more = on_packet(&packet);
+            more = on_packet(&batch, &packet)?;
         }
         if batch.commit() {
             bell.ring().map_err(os("doorbell send"))?;

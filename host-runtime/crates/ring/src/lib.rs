@@ -6,6 +6,11 @@
 //! any [`RingMem`], which in production is a [`MappedRing`] over a [`SharedMapping`] (the
 //! shm transport's `ring` file or `/dev/uioN` map 0).
 //!
+//! The peer can write the ring at any moment, so its memory is only ever copied, never lent
+//! out: packets are handed to callers as metadata plus copies of their payload (or of any
+//! part of it, for hvsock's partial reads), as OpenVMM's `vmbus_ring` does. This crate has no
+//! `unsafe`; the mapping and the copies live in `hvisd-sys`.
+//!
 //! The peer owns half of every control page and may be hostile: every index it writes is
 //! read once per operation and validated at that read, every descriptor is checked against
 //! the bytes actually available, and a malformed ring yields a [`RingError`] (the channel
@@ -33,9 +38,10 @@
 //!
 //! let mut reader = RingReader::new(guest_to_host)?;
 //! let mut batch = reader.begin()?;
-//! while let Some(packet) = batch.next()? {
+//! let mut payload = Vec::new();
+//! while let Some(packet) = batch.next_into(&mut payload)? {
 //!     assert_eq!(packet.transaction_id, 7);
-//!     assert_eq!(&packet.payload[..11], b"icmsg bytes"); // then zero padding to 8
+//!     assert_eq!(&payload[..11], b"icmsg bytes"); // then zero padding to 8
 //! }
 //! let signal_writer = batch.commit(); // true only if pending_send_sz was crossed
 //! assert!(!signal_writer);
@@ -43,7 +49,7 @@
 //! # Ok::<(), hvisd_ring::RingError>(())
 //! ```
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod packet;
 mod reader;
@@ -70,7 +76,7 @@ pub use packet::{
     PACKET_TYPE_REMOVE_TRANSFER_PAGE_SET, PACKET_TYPE_SYNCH, PACKET_TYPE_TEARDOWN_GPADL,
     PacketHeader, TRAILER_LEN, packet_len,
 };
-pub use reader::{IncomingPacket, ReadBatch, RingReader, RingStats};
+pub use reader::{IncomingPacket, PacketMeta, ReadBatch, RingReader, RingStats};
 pub use writer::{RingWriter, WriteBatch, WriteError};
 
 /// Size of a page, of the control page, and the granule of ring sizes.
@@ -83,10 +89,12 @@ pub const FEATURE_PENDING_SEND_SIZE: u32 = 1;
 /// Smallest ring (control page + one data page) the spec allows.
 pub const MIN_RING_SIZE: usize = 2 * PAGE_SIZE;
 
-/// Largest ring this crate accepts. Indices are `u32` on the wire; capping the data area at
-/// 1 GiB keeps every sum of an index and a length far from overflowing `u32`, and no VMBus
-/// device uses rings anywhere near this size.
-pub const MAX_RING_SIZE: usize = 1 << 30;
+/// Largest ring (one direction, control page included) hvisd accepts, from an offer, a uio map
+/// or a caller: the one ring-size limit of the project. Real VMBus rings are at most a few MiB;
+/// a bigger value from a host would only make us map (and trust) an absurd file. Indices are
+/// `u32` on the wire, and this bound keeps every sum of an index and a length far from
+/// overflowing.
+pub const MAX_RING_SIZE: usize = 64 << 20;
 
 /// Word offsets of the control page fields (the page is handled as `[AtomicU32; 1024]`).
 pub mod control {
@@ -120,9 +128,26 @@ pub trait RingMem: Send + Sync {
     /// Copies `src` into the data area starting at `offset`. The range never wraps.
     fn write_at(&self, offset: usize, src: &[u8]);
 
-    /// An in-place view of `[offset, offset + len)` of the data area, if the memory allows
-    /// it (it is mapped contiguously); `None` makes the reader copy instead.
-    fn contiguous(&self, offset: usize, len: usize) -> Option<&[u8]>;
+    /// The little-endian `u64` at the 8-aligned `offset` of the data area, read once
+    /// (descriptor words and trailers: packets start 8-aligned and the data area is a
+    /// multiple of 8, so such a word never wraps).
+    fn load_u64(&self, offset: usize) -> u64 {
+        let mut b = [0u8; 8];
+        self.read_at(offset, &mut b);
+        u64::from_le_bytes(b)
+    }
+
+    /// Stores `value` little-endian at the 8-aligned `offset` of the data area.
+    fn store_u64(&self, offset: usize, value: u64) {
+        self.write_at(offset, &value.to_le_bytes());
+    }
+
+    /// Whether the memory has become unusable under us (the peer truncated the file we
+    /// mapped; see `hvisd_sys::mapping`). Bytes read since then are zeros and mean nothing;
+    /// the ring reports [`RingError::Broken`] instead of acting on them.
+    fn is_broken(&self) -> bool {
+        false
+    }
 
     /// Names the ring in error messages ("host->guest ring").
     fn label(&self) -> &'static str {
@@ -147,8 +172,14 @@ macro_rules! forward_ring_mem {
             fn write_at(&self, offset: usize, src: &[u8]) {
                 (**self).write_at(offset, src)
             }
-            fn contiguous(&self, offset: usize, len: usize) -> Option<&[u8]> {
-                (**self).contiguous(offset, len)
+            fn load_u64(&self, offset: usize) -> u64 {
+                (**self).load_u64(offset)
+            }
+            fn store_u64(&self, offset: usize, value: u64) {
+                (**self).store_u64(offset, value)
+            }
+            fn is_broken(&self) -> bool {
+                (**self).is_broken()
             }
             fn label(&self) -> &'static str {
                 (**self).label()
@@ -198,13 +229,15 @@ pub enum RingError {
         /// The rejected offset.
         offset: usize,
     },
-    /// The file to be mapped is shorter than the mapping (touching the tail would SIGBUS).
-    #[error("file to map is {file_len} bytes, shorter than the {len} bytes to map")]
-    FileTooShort {
-        /// Size reported by fstat.
-        file_len: u64,
-        /// Bytes the caller wanted to map.
-        len: usize,
+    /// The memory could not be mapped.
+    #[error(transparent)]
+    Map(#[from] hvisd_sys::mapping::MapError),
+    /// The peer truncated or replaced the memory under the ring (a `SIGBUS` was caught): the
+    /// channel cannot continue.
+    #[error("{ring}: the ring memory went away under us (the peer truncated the ring file)")]
+    Broken {
+        /// Which ring.
+        ring: &'static str,
     },
     /// A system call failed.
     #[error("{call} failed: {source}")]
@@ -269,6 +302,18 @@ pub enum RingError {
         /// Which check failed.
         reason: &'static str,
     },
+    /// A caller asked for bytes outside a packet's payload.
+    #[error("{ring}: bytes [{from}, +{len}) asked of a {payload_len}-byte payload")]
+    PayloadRange {
+        /// Which ring.
+        ring: &'static str,
+        /// First byte asked for.
+        from: usize,
+        /// Bytes asked for.
+        len: usize,
+        /// The payload's length.
+        payload_len: usize,
+    },
     /// A packet could not be written (for callers mixing ring and write errors).
     #[error(transparent)]
     Write(#[from] WriteError),
@@ -326,7 +371,7 @@ fn used_bytes(write: usize, read: usize, data_len: usize) -> usize {
 }
 
 /// Reads `dst.len()` bytes at `offset` (< data_len), wrapping once at the end.
-#[inline]
+#[inline(always)]
 fn read_wrapping<M: RingMem + ?Sized>(mem: &M, offset: usize, dst: &mut [u8]) {
     let data_len = mem.data_len();
     // The common, non-wrapping case as its own call, so that fixed-size reads (descriptor,
@@ -345,7 +390,7 @@ fn read_wrapping<M: RingMem + ?Sized>(mem: &M, offset: usize, dst: &mut [u8]) {
 
 /// Writes `src` at `offset` (< data_len), wrapping once at the end; returns the index
 /// after the last byte.
-#[inline]
+#[inline(always)]
 fn write_wrapping<M: RingMem + ?Sized>(mem: &M, offset: usize, src: &[u8]) -> usize {
     let data_len = mem.data_len();
     let room = data_len - offset;

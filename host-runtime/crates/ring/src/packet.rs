@@ -84,6 +84,7 @@ pub(crate) struct Descriptor {
 }
 
 impl Descriptor {
+    #[cfg(test)]
     pub fn to_bytes(self) -> [u8; DESCRIPTOR_LEN] {
         let mut b = [0u8; DESCRIPTOR_LEN];
         b[0..2].copy_from_slice(&self.packet_type.to_le_bytes());
@@ -94,6 +95,30 @@ impl Descriptor {
         b
     }
 
+    /// The descriptor as the two little-endian words the ring holds.
+    pub fn to_words(self) -> [u64; 2] {
+        [
+            u64::from(self.packet_type)
+                | u64::from(self.offset8) << 16
+                | u64::from(self.len8) << 32
+                | u64::from(self.flags) << 48,
+            self.transaction_id,
+        ]
+    }
+
+    /// Parses the two words of a descriptor.
+    pub fn from_words(words: [u64; 2]) -> Self {
+        let w = words[0];
+        Self {
+            packet_type: w as u16,
+            offset8: (w >> 16) as u16,
+            len8: (w >> 32) as u16,
+            flags: (w >> 48) as u16,
+            transaction_id: words[1],
+        }
+    }
+
+    #[cfg(test)]
     pub fn from_bytes(b: &[u8; DESCRIPTOR_LEN]) -> Self {
         let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         let mut id = [0u8; 8];
@@ -135,6 +160,12 @@ mod tests {
             ]
         );
         assert_eq!(Descriptor::from_bytes(&b), d);
+        let words = d.to_words();
+        let mut from_words = [0u8; 16];
+        from_words[..8].copy_from_slice(&words[0].to_le_bytes());
+        from_words[8..].copy_from_slice(&words[1].to_le_bytes());
+        assert_eq!(from_words, b, "words in memory are the wire bytes");
+        assert_eq!(Descriptor::from_words(words), d);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{Ordering, fence};
 
-use crate::packet::{DESCRIPTOR_LEN, Descriptor, MAX_PACKET_LEN8, TRAILER_LEN, trailer};
+use crate::packet::{DESCRIPTOR_LEN, Descriptor, TRAILER_LEN, trailer};
 use crate::{
     FEATURE_PENDING_SEND_SIZE, RingError, RingMem, check_data_len, check_index, control,
     read_wrapping, used_bytes,
@@ -13,12 +13,12 @@ use crate::{
 /// only counted here.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RingStats {
-    /// Packets returned by [`ReadBatch::next`].
+    /// Packets returned by [`ReadBatch::next`] in committed batches.
     pub packets: u64,
     /// Payload bytes returned (`len8*8 - offset8*8` summed).
     pub payload_bytes: u64,
-    /// Packets whose payload wrapped and was copied into the scratch buffer.
-    pub copied_packets: u64,
+    /// Packets whose payload wrapped around the end of the data area (copied in two pieces).
+    pub wrapped_packets: u64,
     /// Packets whose trailer was not `start_index << 32`.
     pub bad_trailers: u64,
     /// Packets whose payload did not start right after the descriptor (`offset8 != 2`);
@@ -26,21 +26,37 @@ pub struct RingStats {
     pub extended_descriptors: u64,
 }
 
-/// A packet as read from the ring. `payload` is bytes `[offset8*8, len8*8)` of the packet,
-/// so it includes the sender's padding to 8 bytes: VMBus descriptors carry no exact
-/// length, the protocol inside (icmsg, vmpipe) does.
+/// What a packet's descriptor says, read once from the ring and validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IncomingPacket<'a> {
+pub struct PacketMeta {
     /// `VM_PKT_*` type (unchecked: the channel layer decides what it accepts).
     pub packet_type: u16,
     /// Descriptor flags, as sent.
     pub flags: u16,
     /// Transaction id, to be echoed in a reply.
     pub transaction_id: u64,
-    /// The payload, padding included.
-    pub payload: &'a [u8],
-    /// True if `payload` points into the ring itself; false if it wrapped and was copied.
-    pub in_place: bool,
+    /// Bytes of payload: `[offset8*8, len8*8)` of the packet, so it includes the sender's
+    /// padding to 8 bytes (VMBus descriptors carry no exact length; the protocol inside,
+    /// icmsg or vmpipe, does).
+    pub payload_len: usize,
+}
+
+/// A packet of the current batch: its metadata and where its payload lies in the ring. The
+/// payload stays in the ring until the batch is committed and is only ever copied out
+/// ([`ReadBatch::read_payload`]), never borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IncomingPacket {
+    /// The descriptor's fields.
+    pub meta: PacketMeta,
+    /// Offset of the payload in the data area (validated, `< data_len`).
+    payload_at: usize,
+}
+
+impl std::ops::Deref for IncomingPacket {
+    type Target = PacketMeta;
+    fn deref(&self) -> &PacketMeta {
+        &self.meta
+    }
 }
 
 /// Reads packets from one ring.
@@ -52,15 +68,12 @@ pub struct RingReader<M: RingMem> {
     data_len: usize,
     read_index: usize,
     ring: &'static str,
-    /// Holds payloads that wrap around the end of the data area. Sized once, from the
-    /// largest packet the ring or a descriptor can describe, never from a peer's value.
-    scratch: Box<[u8]>,
     stats: RingStats,
 }
 
 impl<M: RingMem> RingReader<M> {
     /// Takes over the reading end of `mem`: validates the data area size, reads
-    /// `read_index` once, allocates the scratch buffer (`min(data_len, 512 KiB)`).
+    /// `read_index` once.
     pub fn new(mem: M) -> Result<Self, RingError> {
         let ring = mem.label();
         let data_len = mem.data_len();
@@ -68,13 +81,11 @@ impl<M: RingMem> RingReader<M> {
         // Relaxed: our own index.
         let value = mem.control()[control::READ_INDEX].load(Ordering::Relaxed);
         let read_index = check_index(ring, "read_index", value, data_len)?;
-        let scratch = vec![0u8; data_len.min(MAX_PACKET_LEN8 * 8)].into_boxed_slice();
         Ok(Self {
             mem,
             data_len,
             read_index,
             ring,
-            scratch,
             stats: RingStats::default(),
         })
     }
@@ -92,12 +103,16 @@ impl<M: RingMem> RingReader<M> {
         // bytes up to this index are visible before we read them.
         let value = self.mem.control()[control::WRITE_INDEX].load(Ordering::Acquire);
         let write_index = check_index(self.ring, "write_index", value, self.data_len)?;
+        if self.mem.is_broken() {
+            return Err(RingError::Broken { ring: self.ring });
+        }
         let read_index = self.read_index;
         Ok(ReadBatch {
             reader: self,
             write_index,
             read_index,
             consumed: 0,
+            stats: RingStats::default(),
         })
     }
 
@@ -122,6 +137,9 @@ impl<M: RingMem> RingReader<M> {
         fence(Ordering::SeqCst);
         let value = control[control::WRITE_INDEX].load(Ordering::Acquire);
         let write_index = check_index(self.ring, "write_index", value, self.data_len)?;
+        if self.mem.is_broken() {
+            return Err(RingError::Broken { ring: self.ring });
+        }
         Ok(write_index != self.read_index)
     }
 
@@ -130,6 +148,9 @@ impl<M: RingMem> RingReader<M> {
     pub fn has_packets(&self) -> Result<bool, RingError> {
         let value = self.mem.control()[control::WRITE_INDEX].load(Ordering::Acquire);
         let write_index = check_index(self.ring, "write_index", value, self.data_len)?;
+        if self.mem.is_broken() {
+            return Err(RingError::Broken { ring: self.ring });
+        }
         Ok(write_index != self.read_index)
     }
 
@@ -161,6 +182,9 @@ pub struct ReadBatch<'a, M: RingMem> {
     write_index: usize,
     read_index: usize,
     consumed: usize,
+    /// Counters of this batch, added to the reader's at commit (an uncommitted batch's
+    /// packets are read again, and must not count twice).
+    stats: RingStats,
 }
 
 impl<M: RingMem> ReadBatch<'_, M> {
@@ -169,8 +193,10 @@ impl<M: RingMem> ReadBatch<'_, M> {
     /// Validates the descriptor against the bytes available: `offset8` must not point into
     /// the descriptor or past `len8`, and the packet plus its trailer must end at or before
     /// `write_index`. On error nothing is consumed, so calling again returns the same error.
-    #[allow(clippy::should_implement_trait)] // Items borrow the batch: not an Iterator.
-    pub fn next(&mut self) -> Result<Option<IncomingPacket<'_>>, RingError> {
+    /// The payload stays in the ring: copy it with [`ReadBatch::read_payload`] before
+    /// committing, or use [`ReadBatch::next_into`].
+    #[allow(clippy::should_implement_trait)] // Fallible, and the items refer to the batch.
+    pub fn next(&mut self) -> Result<Option<IncomingPacket>, RingError> {
         let data_len = self.reader.data_len;
         let ring = self.reader.ring;
         let start = self.read_index;
@@ -185,9 +211,11 @@ impl<M: RingMem> ReadBatch<'_, M> {
                 available,
             });
         }
-        let mut raw = [0u8; DESCRIPTOR_LEN];
-        read_wrapping(&self.reader.mem, start, &mut raw);
-        let d = Descriptor::from_bytes(&raw);
+        // `start` is 8-aligned (validated or computed from validated lengths) and the data area
+        // is a multiple of 8, so each descriptor word lies whole inside it.
+        let second = if start + 8 == data_len { 0 } else { start + 8 };
+        let mem = &self.reader.mem;
+        let d = Descriptor::from_words([mem.load_u64(start), mem.load_u64(second)]);
         let bad = |reason| RingError::BadDescriptor {
             ring,
             read_index: start as u32,
@@ -214,52 +242,75 @@ impl<M: RingMem> ReadBatch<'_, M> {
         let payload_at = wrap(start + offset);
         let payload_len = len - offset;
         let trailer_at = wrap(start + len);
-        let mut raw_trailer = [0u8; TRAILER_LEN];
-        read_wrapping(&self.reader.mem, trailer_at, &mut raw_trailer);
+        let raw_trailer = mem.load_u64(trailer_at);
+        // What was read means nothing if the memory went away under us.
+        if self.reader.mem.is_broken() {
+            return Err(RingError::Broken { ring });
+        }
 
-        let stats = &mut self.reader.stats;
+        let stats = &mut self.stats;
         stats.packets += 1;
         stats.payload_bytes += payload_len as u64;
-        if u64::from_le_bytes(raw_trailer) != trailer(start) {
+        if raw_trailer != trailer(start) {
             stats.bad_trailers += 1;
         }
         if offset != DESCRIPTOR_LEN {
             stats.extended_descriptors += 1;
         }
+        if payload_at + payload_len > data_len {
+            stats.wrapped_packets += 1;
+        }
         self.read_index = wrap(trailer_at + TRAILER_LEN);
         self.consumed += len + TRAILER_LEN;
-
-        let RingReader {
-            mem,
-            scratch,
-            stats,
-            ..
-        } = &mut *self.reader;
-        let in_place = if payload_at + payload_len <= data_len {
-            mem.contiguous(payload_at, payload_len)
-        } else {
-            None
-        };
-        let (payload, in_place) = match in_place {
-            Some(bytes) => (bytes, true),
-            None => {
-                stats.copied_packets += 1;
-                // `payload_len < data_len` and `<= MAX_PACKET_LEN8 * 8`: always fits; the
-                // check only keeps a broken invariant from becoming a panic.
-                let Some(dst) = scratch.get_mut(..payload_len) else {
-                    return Err(bad("payload larger than the scratch buffer"));
-                };
-                read_wrapping(mem, payload_at, dst);
-                (&dst[..], false)
-            }
-        };
         Ok(Some(IncomingPacket {
-            packet_type: d.packet_type,
-            flags: d.flags,
-            transaction_id: d.transaction_id,
-            payload,
-            in_place,
+            meta: PacketMeta {
+                packet_type: d.packet_type,
+                flags: d.flags,
+                transaction_id: d.transaction_id,
+                payload_len,
+            },
+            payload_at,
         }))
+    }
+
+    /// Copies `dst.len()` bytes of `packet`'s payload, starting `from` bytes into it, out of
+    /// the ring. Asking for bytes past the payload is an error, never a read of another
+    /// packet's bytes.
+    pub fn read_payload(
+        &self,
+        packet: &IncomingPacket,
+        from: usize,
+        dst: &mut [u8],
+    ) -> Result<(), RingError> {
+        let ring = self.reader.ring;
+        let data_len = self.reader.data_len;
+        if from > packet.payload_len || dst.len() > packet.payload_len - from {
+            return Err(RingError::PayloadRange {
+                ring,
+                from,
+                len: dst.len(),
+                payload_len: packet.payload_len,
+            });
+        }
+        // `payload_at < data_len` and `from < payload_len < data_len`.
+        let at = packet.payload_at + from;
+        let at = if at >= data_len { at - data_len } else { at };
+        read_wrapping(&self.reader.mem, at, dst);
+        if self.reader.mem.is_broken() {
+            return Err(RingError::Broken { ring });
+        }
+        Ok(())
+    }
+
+    /// The next packet with its whole payload copied into `payload` (cleared first).
+    pub fn next_into(&mut self, payload: &mut Vec<u8>) -> Result<Option<PacketMeta>, RingError> {
+        let Some(packet) = self.next()? else {
+            return Ok(None);
+        };
+        payload.clear();
+        payload.resize(packet.payload_len, 0);
+        self.read_payload(&packet, 0, payload)?;
+        Ok(Some(packet.meta))
     }
 
     /// Ring bytes consumed so far in this batch.
@@ -274,10 +325,15 @@ impl<M: RingMem> ReadBatch<'_, M> {
         if self.consumed == 0 {
             return false;
         }
+        let total = &mut self.reader.stats;
+        total.packets += self.stats.packets;
+        total.payload_bytes += self.stats.payload_bytes;
+        total.wrapped_packets += self.stats.wrapped_packets;
+        total.bad_trailers += self.stats.bad_trailers;
+        total.extended_descriptors += self.stats.extended_descriptors;
         let data_len = self.reader.data_len;
         let control = self.reader.mem.control();
-        // Release: our reads of the released packets (in-place payloads included; they
-        // borrowed the batch, which `commit` consumes) complete before a writer that
+        // Release: our copies of the released packets complete before a writer that
         // Acquire-loads this index reuses the space.
         control[control::READ_INDEX].store(self.read_index as u32, Ordering::Release);
         self.reader.read_index = self.read_index;

@@ -94,6 +94,9 @@ impl<M: RingMem> RingWriter<M> {
         // finished reading the bytes it released before we overwrite them.
         let value = self.mem.control()[control::READ_INDEX].load(Ordering::Acquire);
         let read_index = check_index(self.ring, "read_index", value, self.data_len)?;
+        if self.mem.is_broken() {
+            return Err(RingError::Broken { ring: self.ring });
+        }
         let start = self.write_index;
         Ok(WriteBatch {
             writer: self,
@@ -117,6 +120,9 @@ impl<M: RingMem> RingWriter<M> {
     pub fn free_space(&self) -> Result<usize, RingError> {
         let value = self.mem.control()[control::READ_INDEX].load(Ordering::Acquire);
         let read_index = check_index(self.ring, "read_index", value, self.data_len)?;
+        if self.mem.is_broken() {
+            return Err(RingError::Broken { ring: self.ring });
+        }
         Ok(self.data_len - used_bytes(self.write_index, read_index, self.data_len))
     }
 
@@ -183,15 +189,22 @@ impl<M: RingMem> WriteBatch<'_, M> {
         };
         let mem = &self.writer.mem;
         let start = self.write_index;
-        let mut at = write_wrapping(mem, start, &descriptor.to_bytes());
+        // Whole 8-aligned words never wrap (the data area is a multiple of 8).
+        let wrap = |i: usize| if i >= data_len { i - data_len } else { i };
+        let [w0, w1] = descriptor.to_words();
+        mem.store_u64(start, w0);
+        mem.store_u64(wrap(start + 8), w1);
+        let mut at = wrap(start + DESCRIPTOR_LEN);
         for part in payload.iter().filter(|p| !p.is_empty()) {
             at = write_wrapping(mem, at, part);
         }
-        // Padding and trailer in one copy: up to 7 zero bytes, then the trailer.
+        // Zero padding up to the next word, then the trailer.
         let pad = padded - len;
-        let mut tail = [0u8; 16];
-        tail[pad..pad + TRAILER_LEN].copy_from_slice(&trailer(start).to_le_bytes());
-        at = write_wrapping(mem, at, &tail[..pad + TRAILER_LEN]);
+        if pad != 0 {
+            at = write_wrapping(mem, at, &[0u8; 8][..pad]);
+        }
+        mem.store_u64(at, trailer(start));
+        at = wrap(at + TRAILER_LEN);
         self.write_index = at;
         Ok(())
     }
