@@ -49,7 +49,7 @@ impl Doorbell {
     /// Wraps a non-blocking descriptor. Must be called inside a tokio runtime.
     pub fn new(fd: OwnedFd, kind: DoorbellKind) -> io::Result<Self> {
         Ok(Self {
-            fd: crate::async_fd::register(fd)?,
+            fd: hvisd_sys::async_fd::register_rw(fd)?,
             kind,
         })
     }
@@ -141,7 +141,7 @@ impl SeqpacketListener {
         rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
         rustix::net::listen(&fd, 16)?;
         Ok(Self {
-            fd: crate::async_fd::register(fd)?,
+            fd: hvisd_sys::async_fd::register_rw(fd)?,
         })
     }
 

@@ -4,9 +4,8 @@
 //! doorbell; [`channel`] moves whole packets over `hvisd-ring`; [`services`] hands each packet to the
 //! IC framework (`hvisd-ic`) and a service (heartbeat, shutdown, timesync, KVP); replies travel back
 //! the same way. [`sim`] plays the host for tests and demos.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
-pub mod async_fd;
 pub mod bench;
 pub mod channel;
 pub mod config;

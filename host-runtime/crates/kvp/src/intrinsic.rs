@@ -161,7 +161,7 @@ pub fn fully_qualified_domain_name() -> String {
         .nodename()
         .to_string_lossy()
         .into_owned();
-    let mut name = crate::sys::canonical_name(&host);
+    let mut name = hvisd_sys::net::canonical_name(&host);
     if name.len() > 2047 {
         let mut cut = 2047;
         while !name.is_char_boundary(cut) {

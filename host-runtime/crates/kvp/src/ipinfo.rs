@@ -11,7 +11,7 @@ use hvisd_protocol::kvp_daemon::{self as dm, GATEWAY_FIELD, IP_FIELD, layout};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::sys;
+use hvisd_sys::net as sys;
 
 /// Where network facts come from and where SET_IP_INFO writes (tests point these at temp dirs).
 #[derive(Debug, Clone)]
@@ -101,7 +101,7 @@ pub fn enumerate_addresses(v6: bool, value: &mut [u8]) {
             return;
         }
     };
-    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    let family = if v6 { sys::AF_INET6 } else { sys::AF_INET };
     let mut offset = 0;
     for a in addrs
         .iter()
@@ -210,7 +210,7 @@ fn get_ip_info_for(cfg: &NetConfig, if_name: &str, msg: &mut [u8]) -> u32 {
         .iter()
         .filter(|a| a.name.starts_with(if_name) && a.flags & sys::IFF_LOOPBACK == 0)
     {
-        let v6 = a.family == libc::AF_INET6;
+        let v6 = a.family == sys::AF_INET6;
         'info: {
             if !v6 {
                 msg[layout::IP_ADDR_FAMILY] |= ADDR_FAMILY_IPV4;

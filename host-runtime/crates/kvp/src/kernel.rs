@@ -107,7 +107,7 @@ pub async fn serve_fd(
     core: Arc<tokio::sync::Mutex<KvpCore>>,
     fd: OwnedFd,
 ) -> Result<SessionEnd, KernelTransportError> {
-    let fd = crate::sys::async_fd(fd).map_err(|source| KernelTransportError::Io {
+    let fd = hvisd_sys::async_fd::register_rw(fd).map_err(|source| KernelTransportError::Io {
         what: "registering the descriptor",
         source,
     })?;
@@ -162,7 +162,7 @@ async fn read_msg(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> Result<usize, Kernel
         }) {
             Ok(Ok(n)) => return Ok(n),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => return Ok(0),
+            Ok(Err(e)) if e.raw_os_error() == Some(rustix::io::Errno::CONNRESET.raw_os_error()) => return Ok(0),
             Ok(Err(source)) => {
                 return Err(KernelTransportError::Io {
                     what: "read",

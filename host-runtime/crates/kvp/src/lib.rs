@@ -8,7 +8,7 @@
 //! - [`intrinsic`], [`ipinfo`]: the Auto-pool facts and the IP configuration operations.
 //! - [`guest_keys`]: Guest-pool keys owned by plugins, with deadline, cache and last-good value.
 //! - [`cli`]: `hvisd kvp list|get|set|delete`; [`bench`](mod@bench): `hvisd bench kvp`.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod cli;
@@ -18,7 +18,6 @@ pub mod intrinsic;
 pub mod ipinfo;
 pub mod kernel;
 pub mod pool;
-pub mod sys;
 pub mod vmbus;
 
 pub use crate::core::{HostKvpEvent, KvpConfig, KvpCore, KvpOutcome};

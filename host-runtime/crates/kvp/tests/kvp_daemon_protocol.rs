@@ -138,7 +138,7 @@ async fn auto_pool_enumerates_the_ten_intrinsic_keys_in_order() {
     let host = uname.nodename().to_str().unwrap().to_string();
     assert_eq!(
         value("FullyQualifiedDomainName"),
-        hvisd_kvp::sys::canonical_name(&host)
+        hvisd_sys::net::canonical_name(&host)
     );
     // Addresses: the non-loopback ones `ip` lists, `;`-separated.
     for (key, family) in [("NetworkAddressIPv4", "-4"), ("NetworkAddressIPv6", "-6")] {

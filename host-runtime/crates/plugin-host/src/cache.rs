@@ -1,13 +1,22 @@
 //! The precompiled-component cache: `.cwasm` files keyed by the wasm's
 //! SHA-256 and the engine's compatibility hash, so each component is compiled
 //! once per engine configuration and later loads only map the artifact.
-#![allow(unsafe_code)]
+//!
+//! A `.cwasm` is native code that is run without further checks, so the
+//! directory is created 0700, must belong to the user hvisd runs as and be
+//! writable by nobody else, is pinned by a descriptor when the cache is opened
+//! (a later rename of the path changes nothing), and every file in it is opened
+//! relative to that descriptor without following links and checked again
+//! (owner, mode) before it is loaded (`hvisd_sys::wasm`).
 
 use std::hash::{Hash, Hasher};
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use hvisd_sys::wasm::{ArtifactError, TrustedArtifact, load_component};
+use rustix::fs::{Mode, OFlags};
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
@@ -18,6 +27,7 @@ use crate::HostError;
 #[derive(Clone, Debug)]
 pub struct ComponentCache {
     dir: PathBuf,
+    dir_fd: Arc<OwnedFd>,
 }
 
 /// How a component was obtained.
@@ -38,40 +48,47 @@ impl ComponentCache {
     /// else, because a `.cwasm` is native code that is mapped and run.
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, HostError> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|e| HostError::Cache {
+        let problem = |problem: String| HostError::Cache {
             dir: dir.clone(),
-            problem: format!("cannot create it: {e}"),
-        })?;
-        let meta = std::fs::symlink_metadata(&dir).map_err(|e| HostError::Cache {
-            dir: dir.clone(),
-            problem: format!("cannot stat it: {e}"),
-        })?;
-        if !meta.is_dir() {
-            return Err(HostError::Cache {
-                dir,
-                problem: "is not a directory (or is a symlink)".into(),
-            });
+            problem,
+        };
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| problem(format!("cannot create its parent: {e}")))?;
         }
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(problem(format!("cannot create it: {e}"))),
+            }
+        }
+        let dir_fd = rustix::fs::open(
+            &dir,
+            OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| problem(format!("cannot open it (a symlink is refused): {e}")))?;
+        let stat = rustix::fs::fstat(&dir_fd)
+            .map_err(|e| problem(format!("cannot stat it: {e}")))?;
         let me = rustix::process::geteuid().as_raw();
-        if meta.uid() != me {
-            return Err(HostError::Cache {
-                dir,
-                problem: format!(
-                    "is owned by uid {}, not by uid {me} that runs hvisd",
-                    meta.uid()
-                ),
-            });
+        if stat.st_uid != me {
+            return Err(problem(format!(
+                "is owned by uid {}, not by uid {me} that runs hvisd",
+                stat.st_uid
+            )));
         }
-        if meta.mode() & 0o022 != 0 {
-            return Err(HostError::Cache {
-                dir,
-                problem: format!(
-                    "mode {:o} lets others write; chmod 700 it",
-                    meta.mode() & 0o777
-                ),
-            });
+        if stat.st_mode & 0o022 != 0 {
+            return Err(problem(format!(
+                "mode {:o} lets others write; chmod 700 it",
+                stat.st_mode & 0o777
+            )));
         }
-        Ok(ComponentCache { dir })
+        Ok(ComponentCache {
+            dir,
+            dir_fd: Arc::new(dir_fd),
+        })
     }
 
     /// The directory.
@@ -79,7 +96,8 @@ impl ComponentCache {
         &self.dir
     }
 
-    fn key(engine: &Engine, wasm: &[u8]) -> String {
+    /// The file name of the artifact for `wasm` under `engine`'s configuration.
+    pub fn key(engine: &Engine, wasm: &[u8]) -> String {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
         let engine_hash = h.finish();
@@ -98,53 +116,56 @@ impl ComponentCache {
         engine: &Engine,
         wasm: &[u8],
     ) -> Result<(Component, CacheOutcome), HostError> {
-        let path = self.dir.join(Self::key(engine, wasm));
-        if let Ok(meta) = std::fs::symlink_metadata(&path)
-            && meta.is_file()
-        {
-            // SAFETY: the file is in a directory checked in `new` to be owned by
-            // and writable only by this user, under a name derived from the
-            // wasm's hash and this engine's configuration; only this module
-            // writes there (atomically, via rename). wasmtime checks the
-            // artifact's header and engine compatibility before using it.
-            match unsafe { Component::deserialize_file(engine, &path) } {
+        let name = Self::key(engine, wasm);
+        match TrustedArtifact::open_in(self.dir_fd.as_fd(), &name) {
+            Ok(artifact) => match load_component(engine, &artifact) {
                 Ok(c) => return Ok((c, CacheOutcome::Hit)),
                 Err(e) => tracing::warn!(
-                    path = %path.display(),
+                    artifact = %name,
                     "cached plugin artifact unusable, recompiling: {e:#}"
                 ),
-            }
+            },
+            Err(ArtifactError::Os { source, .. }) if source == rustix::io::Errno::NOENT => {}
+            Err(e) => tracing::warn!(artifact = %name, "cached plugin artifact refused, recompiling: {e}"),
         }
-        let compiled = engine
-            .precompile_component(wasm)
-            .map_err(|e| HostError::Compile(format!("{e:#}")))?;
-        let outcome = match self.store(&path, &compiled) {
+        let component =
+            Component::new(engine, wasm).map_err(|e| HostError::Compile(format!("{e:#}")))?;
+        let outcome = match component
+            .serialize()
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))
+            .and_then(|bytes| self.store(&name, &bytes))
+        {
             Ok(()) => CacheOutcome::Compiled,
             Err(e) => {
-                tracing::warn!(path = %path.display(), "cannot write plugin cache: {e}");
+                tracing::warn!(dir = %self.dir.display(), "cannot write plugin cache: {e}");
                 CacheOutcome::CompiledUncached
             }
         };
-        // SAFETY: `compiled` was produced just now by this engine's own compiler.
-        let component = unsafe { Component::deserialize(engine, &compiled) }
-            .map_err(|e| HostError::Compile(format!("{e:#}")))?;
         Ok((component, outcome))
     }
 
-    fn store(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    /// Writes an artifact atomically (temporary file, fsync, rename), relative to the pinned
+    /// directory, mode 0600.
+    fn store(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
         // Unique per writer, so concurrent loads of one component never share a temp file.
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = path.with_extension(format!("tmp.{}.{seq}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path).inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })
+        let tmp = format!(".{name}.tmp.{}.{seq}", std::process::id());
+        let dir = self.dir_fd.as_fd();
+        let fd = rustix::fs::openat(
+            dir,
+            &tmp,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let mut f = std::fs::File::from(fd);
+        let written = f.write_all(bytes).and_then(|()| f.sync_all());
+        let renamed = written.and_then(|()| {
+            rustix::fs::renameat(dir, &tmp, dir, name).map_err(std::io::Error::from)
+        });
+        if renamed.is_err() {
+            let _ = rustix::fs::unlinkat(dir, &tmp, rustix::fs::AtFlags::empty());
+        }
+        renamed
     }
 }

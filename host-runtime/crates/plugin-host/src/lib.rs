@@ -15,7 +15,7 @@
 //! - [`check()`]: what `hvisd plugin check` prints;
 //! - [`bench`]: what `hvisd bench plugin` prints;
 //! - [`build`]: builds the plugins of `plugins/` for wasm32-wasip2.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod build;

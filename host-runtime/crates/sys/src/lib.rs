@@ -7,6 +7,7 @@
 //! - [`mapping`]: `mmap` of ring memory shared with a peer, the `SIGBUS` guard that survives a
 //!   peer truncating a mapped file, and copies that never lend a reference into memory the peer
 //!   writes.
+//! - [`async_fd`]: registering an owned descriptor with tokio's reactor.
 //! - [`lock`]: open-file-description (`F_OFD_*`) record locks, with a non-blocking acquire and a
 //!   query of the conflicting holder.
 //! - [`freeze`]: the `FIFREEZE`/`FITHAW` ioctls.
@@ -15,6 +16,7 @@
 //!   whose provenance the caller proves with a checked file.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod async_fd;
 pub mod freeze;
 pub mod lock;
 pub mod mapping;

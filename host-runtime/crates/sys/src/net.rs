@@ -32,6 +32,11 @@ pub struct IfAddr {
     pub prefix_v6: Option<u32>,
 }
 
+/// `AF_INET`.
+pub const AF_INET: i32 = libc::AF_INET;
+/// `AF_INET6`.
+pub const AF_INET6: i32 = libc::AF_INET6;
+
 /// `IFF_LOOPBACK`.
 pub const IFF_LOOPBACK: u32 = libc::IFF_LOOPBACK as u32;
 
