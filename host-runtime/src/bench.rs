@@ -89,11 +89,7 @@ pub async fn kvp_shm_case(
     let tmp = tempfile::tempdir()?;
     let root = tmp.path().join("root");
     std::fs::create_dir(&root)?;
-    let core = Arc::new(tokio::sync::Mutex::new(setup(
-        &tmp.path().join("pools"),
-        opts,
-        plugin_keys,
-    )?));
+    let core = Arc::new(setup(&tmp.path().join("pools"), opts, plugin_keys)?);
     let services = Services::with_kvp_core(Config::default(), core);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let runtime = tokio::spawn(run_shm(ShmRoot::new(&root), services, stop_rx));

@@ -282,7 +282,8 @@ async fn run(transport: &str, config: Config, config_path: Option<PathBuf>) -> R
                     bail!("--transport kernel serves KVP, but [services] kvp = false");
                 };
                 tracing::info!(device = %device.display(), "serving KVP on the kernel device protocol");
-                hvisd_kvp::kernel::run_kernel_transport(core.clone(), &device).await?;
+                hvisd_kvp::kernel::run_kernel_transport(core.clone(), &device, stop_rx.clone())
+                    .await?;
                 Ok(())
             }
             "shm" => {
@@ -318,7 +319,15 @@ async fn run(transport: &str, config: Config, config_path: Option<PathBuf>) -> R
             r?;
             tracing::info!("stopping");
             let _ = stop_tx.send(true);
-            serve.await
+            // Every transport watches `stop`; the grace period only bounds a transport that is
+            // stuck in a system call.
+            match tokio::time::timeout(std::time::Duration::from_secs(5), serve).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("a transport did not stop within 5 s; exiting anyway");
+                    Ok(())
+                }
+            }
         }
     }
 }

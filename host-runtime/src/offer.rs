@@ -7,13 +7,6 @@
 use hvisd_protocol::guid::Guid;
 use std::fmt::Write as _;
 
-/// Bytes of one direction's control page.
-pub const CONTROL_PAGE_SIZE: u32 = 4096;
-/// The smallest `ring_size` the spec allows: a control page and one data page.
-pub const MIN_RING_SIZE: u32 = 8192;
-/// The largest `ring_size` hvisd accepts. Real VMBus rings are at most a few MiB; a bigger value from the
-/// host would only make us map (and trust) an absurd file.
-pub const MAX_RING_SIZE: u32 = 64 << 20;
 /// An offer file larger than this is refused without reading it whole.
 pub const MAX_OFFER_FILE_LEN: u64 = 16 << 10;
 
@@ -119,11 +112,8 @@ impl Offer {
                         why: "a multiple of 4096 from 8192 to 64 MiB",
                     };
                     let size: u32 = value.parse().map_err(|_| bad())?;
-                    if !size.is_multiple_of(CONTROL_PAGE_SIZE)
-                        || !(MIN_RING_SIZE..=MAX_RING_SIZE).contains(&size)
-                    {
-                        return Err(bad());
-                    }
+                    // The one ring-size limit (hvisd-ring): a multiple of 4096, 8 KiB to 64 MiB.
+                    hvisd_ring::check_ring_size(size as usize).map_err(|_| bad())?;
                     set_once(&mut ring_size, key, size)?;
                 }
                 "pipe" => {

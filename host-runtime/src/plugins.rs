@@ -5,31 +5,31 @@
 use crate::config::Config;
 use crate::services::Services;
 use hvisd_kvp::guest_keys::ValueFuture;
-use hvisd_kvp::{GuestKeyProvider, GuestKeys, KvpCore, PoolStore};
+use hvisd_kvp::{GuestKeyProvider, GuestKeys, KvpCore, PoolHandle};
 use hvisd_plugin_host::{HostServices, KvpError, KvpStore, PluginHost, Pool, Value};
 use hvisd_protocol::kvp::Pool as WirePool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// The plugins' `kvp-store` import over the real pool files (the same store the KVP service uses, so
 /// a plugin's write is what the host enumerates next). Grants are checked by the plugin host first.
 pub struct PoolKvpStore {
-    store: Arc<Mutex<PoolStore>>,
+    store: PoolHandle,
 }
 
 impl PoolKvpStore {
-    /// Backs the import with `store`.
-    pub fn new(store: Arc<Mutex<PoolStore>>) -> Self {
+    /// Backs the import with the pool-store thread.
+    pub fn new(store: PoolHandle) -> Self {
         Self { store }
     }
 
-    fn with<T>(
+    fn with<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut PoolStore) -> Result<T, hvisd_kvp::StoreError>,
+        f: impl AsyncFnOnce(&PoolHandle) -> Result<T, hvisd_kvp::StoreError>,
     ) -> Result<T, KvpError> {
-        let mut store = self.store.lock().map_err(|_| {
-            KvpError::Unavailable("the pool store is poisoned by an earlier panic".into())
-        })?;
-        f(&mut store).map_err(|e| KvpError::Unavailable(e.to_string()))
+        // The import is synchronous; the pool store is served by its own thread. Waiting for it
+        // here must not stall the other tasks of this worker thread.
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f(&self.store)))
+            .map_err(|e| KvpError::Unavailable(e.to_string()))
     }
 }
 
@@ -67,17 +67,20 @@ fn value_text(value: &Value) -> String {
 
 impl KvpStore for PoolKvpStore {
     fn get(&self, pool: Pool, key: &str) -> Result<Option<Value>, KvpError> {
-        self.with(|s| s.get(wire_pool(pool), key))
+        let key = key.to_owned();
+        self.with(async |s| s.get(wire_pool(pool), key).await)
             .map(|v| v.map(Value::Text))
     }
     fn set(&self, pool: Pool, key: &str, value: &Value) -> Result<(), KvpError> {
-        self.with(|s| s.set(wire_pool(pool), key, &value_text(value)))
+        let (key, value) = (key.to_owned(), value_text(value));
+        self.with(async |s| s.set(wire_pool(pool), key, value).await)
     }
     fn delete(&self, pool: Pool, key: &str) -> Result<bool, KvpError> {
-        self.with(|s| s.delete(wire_pool(pool), key))
+        let key = key.to_owned();
+        self.with(async |s| s.delete(wire_pool(pool), key).await)
     }
     fn list(&self, pool: Pool) -> Result<Vec<String>, KvpError> {
-        self.with(|s| s.list(wire_pool(pool)))
+        self.with(async |s| s.list(wire_pool(pool)).await)
             .map(|kv| kv.into_iter().map(|(k, _)| k).collect())
     }
 }
@@ -157,7 +160,7 @@ pub enum PluginSetupError {
 pub struct Plugins {
     /// The host.
     pub host: Arc<PluginHost>,
-    kvp: Arc<tokio::sync::Mutex<KvpCore>>,
+    kvp: Arc<KvpCore>,
 }
 
 impl Plugins {
@@ -174,7 +177,7 @@ impl Plugins {
             .kvp_core()
             .cloned()
             .ok_or(PluginSetupError::NoKvp)?;
-        let store = kvp.lock().await.store();
+        let store = kvp.store();
         let host = Arc::new(PluginHost::new(
             &config.plugins.cache_dir,
             HostServices {
@@ -199,13 +202,13 @@ impl Plugins {
             tracing::error!(plugin = %name, "plugin refused: {why}");
         }
         let keys = guest_keys(&self.host, config)?;
-        self.kvp.lock().await.set_guest_keys(keys);
+        self.kvp.set_guest_keys(keys);
         Ok(())
     }
 
     async fn forward_host_sets(&self) {
         // Subscribed before `start` returns, so no host SET after start is missed.
-        let mut events = self.kvp.lock().await.subscribe();
+        let mut events = self.kvp.subscribe();
         let host = self.host.clone();
         tokio::spawn(async move {
             loop {

@@ -2,25 +2,34 @@
 //! them, and notices when the host rescinds them or goes away.
 //!
 //! One supervision loop serves every transport; a transport only says what offers exist now
-//! ([`OfferSource`]) and how to open one.
+//! ([`OfferSource`]), how to open one, and when to look again.
+//!
+//! The host is not trusted here either: it can publish any number of offers, malformed ones among
+//! them, and make them appear and vanish at any rate. The loop sorts what a scan finds in a total
+//! order (a comparator that is not one can panic), looks at a bounded number of offers, keeps at
+//! most [`MAX_OPEN_CHANNELS`] channels open, logs each problem once per offer (and all of them
+//! within a [`LogBudget`]), and keeps state only for offers that are present.
 
 use crate::channel::{Channel, ChannelError};
 use crate::services::{ServiceKind, Services};
-use crate::transport::shm::{FoundOffer, ShmError, ShmRoot};
+use crate::transport::shm::{FoundOffer, ShmError, ShmRoot, ShmWatcher};
 use crate::transport::uio::UioDevice;
 use hvisd_protocol::guid::Guid;
+use hvisd_protocol::text::{LogBudget, suppressed_note};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinSet};
 
-/// How often a transport is scanned for offers. The brief asks for new offers to be noticed within
-/// 100 ms.
-pub const SCAN_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a source is scanned when nothing told us it changed: shm roots are watched with
+/// inotify and this only makes up for a missed event; uio devices (sysfs has no change events)
+/// appear when an operator binds one, which this interval is quick enough for.
+pub const FALLBACK_SCAN_INTERVAL: Duration = Duration::from_secs(2);
 
-/// How many distinct problems the loop remembers having logged.
-const MAX_REPORTED: usize = 1024;
+/// Most channels open at once. Real VMBus gives a guest a handful of integration-component
+/// channels and some hvsock pipes; a host offering more is refused the rest (logged once).
+pub const MAX_OPEN_CHANNELS: usize = 256;
 
 /// Why an offer could not be opened.
 #[derive(Debug)]
@@ -43,19 +52,77 @@ pub trait Candidate {
     fn open(&self, label: &str) -> Result<Channel, OpenFailure>;
 }
 
+/// A malformed offer: what identifies it (so it is logged once), and what is wrong.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    /// Identity of the offer (directory and inode, device path...).
+    pub identity: String,
+    /// The message, with host-chosen text already escaped.
+    pub message: String,
+}
+
+/// What a scan found.
+pub struct Scan<O> {
+    /// Offers and problems, in a total order.
+    pub offers: Vec<Result<O, Problem>>,
+    /// Entries not looked at (over the source's cap).
+    pub skipped: usize,
+}
+
 /// Something that lists the offers present now.
 pub trait OfferSource {
     /// The offer type.
     type Offer: Candidate;
     /// Where the offers come from, for logs.
     fn describe(&self) -> String;
-    /// Lists offers; malformed ones come back as error messages (logged once each).
-    fn scan(&self) -> std::io::Result<Vec<Result<Self::Offer, String>>>;
+    /// Lists offers; malformed ones come back as problems (logged once each).
+    fn scan(&mut self) -> std::io::Result<Scan<Self::Offer>>;
+    /// Resolves when the source may have changed. Spurious returns are fine; it must be cancel
+    /// safe (dropped unfinished, it must not have consumed a change).
+    fn changed(&mut self) -> impl Future<Output = ()> + Send;
 }
 
-/// An shm root with the channel opener.
-#[derive(Debug, Clone)]
-pub struct ShmSource(pub ShmRoot);
+/// An shm root with the channel opener, watched with inotify.
+pub struct ShmSource {
+    root: ShmRoot,
+    watcher: Option<ShmWatcher>,
+    /// Watch descriptors already seen (bounded; cleared when it grows past the scan cap).
+    watched: HashSet<i32>,
+    /// A directory started being watched after it was read: look once more, in case its `offer`
+    /// arrived between the read and the watch.
+    recheck: bool,
+}
+
+impl ShmSource {
+    /// Watches `root` (falls back to periodic scans if inotify is unavailable).
+    pub fn new(root: ShmRoot) -> Self {
+        let watcher = match ShmWatcher::new(root.path()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(root = %root.path().display(), "cannot watch the shm root ({e}); scanning it every {FALLBACK_SCAN_INTERVAL:?}");
+                None
+            }
+        };
+        Self {
+            root,
+            watcher,
+            watched: HashSet::new(),
+            recheck: false,
+        }
+    }
+
+    fn watch(&mut self, dir: &Path) {
+        let Some(w) = &self.watcher else { return };
+        if let Some(wd) = w.watch(dir) {
+            if self.watched.len() > 4 * crate::transport::shm::MAX_OFFER_DIRS {
+                self.watched.clear();
+            }
+            if self.watched.insert(wd) {
+                self.recheck = true;
+            }
+        }
+    }
+}
 
 /// An shm offer, opened through its root.
 #[derive(Debug, Clone)]
@@ -67,28 +134,70 @@ pub struct ShmCandidate {
 impl OfferSource for ShmSource {
     type Offer = ShmCandidate;
     fn describe(&self) -> String {
-        format!("shm root {}", self.0.path().display())
+        format!("shm root {}", self.root.path().display())
     }
-    fn scan(&self) -> std::io::Result<Vec<Result<ShmCandidate, String>>> {
-        Ok(self
-            .0
-            .scan()?
-            .into_iter()
-            .map(|r| {
-                r.map(|found| ShmCandidate {
-                    root: self.0.clone(),
-                    found,
-                })
-                .map_err(|e| e.to_string())
-            })
-            .collect())
+    fn scan(&mut self) -> std::io::Result<Scan<ShmCandidate>> {
+        let scan = self.root.scan()?;
+        // Watch every directory seen: an `offer` will be renamed into a pending one, a present one
+        // can be replaced or rescinded.
+        for dir in &scan.pending {
+            self.watch(dir);
+        }
+        let mut offers = Vec::with_capacity(scan.offers.len());
+        for entry in scan.offers {
+            offers.push(match entry {
+                Ok(found) => {
+                    self.watch(&found.dir);
+                    Ok(ShmCandidate {
+                        root: self.root.clone(),
+                        found,
+                    })
+                }
+                Err((identity, e)) => {
+                    if let ShmError::Offer { dir, .. } = &e {
+                        self.watch(dir);
+                    }
+                    Err(Problem {
+                        identity,
+                        message: e.to_string(),
+                    })
+                }
+            });
+        }
+        Ok(Scan {
+            offers,
+            skipped: scan.skipped,
+        })
+    }
+    fn changed(&mut self) -> impl Future<Output = ()> + Send {
+        let recheck = std::mem::take(&mut self.recheck);
+        let watcher = self.watcher.as_ref();
+        async move {
+            if recheck {
+                return;
+            }
+            match watcher {
+                Some(w) => {
+                    // Cancel-safe: events are consumed only in the poll that returns them.
+                    tokio::select! {
+                        r = w.changed() => {
+                            if let Err(e) = r {
+                                tracing::warn!("shm root watch failed: {e}");
+                                tokio::time::sleep(FALLBACK_SCAN_INTERVAL).await;
+                            }
+                        }
+                        _ = tokio::time::sleep(FALLBACK_SCAN_INTERVAL * 5) => {}
+                    }
+                }
+                None => tokio::time::sleep(FALLBACK_SCAN_INTERVAL).await,
+            }
+        }
     }
 }
 
 impl Candidate for ShmCandidate {
     fn identity(&self) -> String {
-        let (dev, ino) = self.found.identity;
-        format!("{}@{dev}:{ino}", self.found.dir.display())
+        self.found.identity()
     }
     fn class_id(&self) -> Guid {
         self.found.offer.class_id
@@ -130,13 +239,24 @@ impl OfferSource for UioSource {
     fn describe(&self) -> String {
         format!("uio devices under {}", self.devices.display())
     }
-    fn scan(&self) -> std::io::Result<Vec<Result<UioDevice, String>>> {
-        Ok(
-            crate::transport::uio::discover(&self.devices, &self.dev_dir)?
+    fn scan(&mut self) -> std::io::Result<Scan<UioDevice>> {
+        let found = crate::transport::uio::discover(&self.devices, &self.dev_dir)?;
+        Ok(Scan {
+            offers: found
+                .offers
                 .into_iter()
-                .map(|r| r.map_err(|e| e.to_string()))
+                .map(|r| {
+                    r.map_err(|(identity, e)| Problem {
+                        identity,
+                        message: e.to_string(),
+                    })
+                })
                 .collect(),
-        )
+            skipped: found.skipped,
+        })
+    }
+    fn changed(&mut self) -> impl Future<Output = ()> + Send {
+        tokio::time::sleep(FALLBACK_SCAN_INTERVAL)
     }
 }
 
@@ -155,18 +275,13 @@ impl Candidate for UioDevice {
     }
 }
 
-struct OpenChannel {
-    label: String,
-    task: JoinHandle<Result<(), ChannelError>>,
-}
-
 /// Serves every offer under an shm root until `stop` turns true.
 pub async fn run_shm(
     root: ShmRoot,
     services: Services,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    supervise(ShmSource(root), services, stop).await
+    supervise(ShmSource::new(root), services, stop).await
 }
 
 /// Serves every device bound to `uio_hv_generic` until `stop` turns true.
@@ -183,140 +298,189 @@ pub async fn run_uio(
     supervise(source, services, stop).await
 }
 
+/// State of the supervision loop that a host's behaviour can grow, each part bounded by what is
+/// present now.
+#[derive(Default)]
+struct Book {
+    /// Open channels: identity -> (label, abort handle).
+    open: HashMap<String, (String, AbortHandle)>,
+    /// Offers whose channel ended or cannot be opened: not retried until replaced or rescinded.
+    finished: HashSet<String>,
+    /// Offers already reported (problem, retry, no service, over the cap).
+    reported: HashSet<String>,
+}
+
 /// The supervision loop shared by every transport.
 ///
 /// An offer is opened once per identity: when its channel ends (the host closed it, or broke the ring
 /// protocol) the runtime waits for the host to publish a new offer rather than hammering the old one.
 /// An offer that disappears is rescinded: its channel task is stopped.
 pub async fn supervise<S: OfferSource>(
-    source: S,
+    mut source: S,
     services: Services,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let mut open: HashMap<String, OpenChannel> = HashMap::new();
-    let mut finished: HashSet<String> = HashSet::new();
-    // Problems are logged once each so a broken host cannot flood the log.
-    let mut reported: HashSet<String> = HashSet::new();
+    let mut book = Book::default();
+    let mut tasks: JoinSet<(String, String, Result<(), ChannelError>)> = JoinSet::new();
+    let mut budget = LogBudget::new(20, 30);
+    let mut scan_failed = false;
+    let mut skipped_reported = 0usize;
     tracing::info!("watching {} for offers", source.describe());
     while !*stop.borrow() {
-        let mut present = HashSet::new();
-        // Without a successful scan we do not know what was rescinded: keep every channel.
-        let mut scanned = false;
         match source.scan() {
-            Ok(offers) => {
-                scanned = true;
-                reported.remove("scan");
-                for offer in offers {
-                    match offer {
-                        Ok(offer) => {
-                            let id = offer.identity();
-                            present.insert(id.clone());
-                            if open.contains_key(&id) || finished.contains(&id) {
-                                continue;
-                            }
-                            match try_open(&offer, &services, &mut reported) {
-                                Ok(Some(channel)) => {
-                                    open.insert(id, channel);
-                                }
-                                Ok(None) => {}
-                                Err(()) => {
-                                    finished.insert(id);
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            if reported.insert(e.clone()) {
-                                tracing::warn!("ignoring offer: {e}");
-                            }
-                        }
+            Ok(scan) => {
+                tracing::debug!(
+                    offers = scan.offers.len(),
+                    skipped = scan.skipped,
+                    "scanned {}",
+                    source.describe()
+                );
+                scan_failed = false;
+                let present = step(&scan, &services, &mut book, &mut tasks, &mut budget);
+                // Forget everything about offers that are gone: memory stays bounded by what
+                // exists, and rescinded channels are stopped.
+                book.open.retain(|id, (label, abort)| {
+                    let keep = present.contains(id);
+                    if !keep {
+                        abort.abort();
+                        tracing::info!(channel = %label, "offer rescinded; channel closed");
+                    }
+                    keep
+                });
+                book.finished.retain(|id| present.contains(id));
+                book.reported.retain(|id| present.contains(id));
+                if scan.skipped != skipped_reported {
+                    skipped_reported = scan.skipped;
+                    if scan.skipped > 0 {
+                        tracing::warn!(
+                            "{}: {} more offer directories than the {} looked at are ignored",
+                            source.describe(),
+                            scan.skipped,
+                            crate::transport::shm::MAX_OFFER_DIRS
+                        );
                     }
                 }
             }
             Err(e) => {
-                if reported.insert("scan".into()) {
+                // Without a successful scan we do not know what was rescinded: keep every channel.
+                if !scan_failed {
                     tracing::warn!("cannot scan {}: {e}", source.describe());
+                    scan_failed = true;
                 }
             }
         }
-
-        // Reap channels that ended and stop those whose offer was rescinded.
-        let ids: Vec<String> = open.keys().cloned().collect();
-        for id in ids {
-            let ended = open.get(&id).is_some_and(|c| c.task.is_finished());
-            let rescinded = scanned && !present.contains(&id);
-            if !ended && !rescinded {
-                continue;
+        // Wait for a change, a channel's end, or the stop.
+        loop {
+            tokio::select! {
+                _ = source.changed() => {
+                    // Offers are written in several steps (files, then `offer` by rename): let a
+                    // burst of events settle into one scan.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    break;
+                }
+                _ = stop.changed() => break,
+                Some(ended) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Ok((id, label, result)) = ended {
+                        book.open.remove(&id);
+                        book.finished.insert(id);
+                        log_channel_end(&label, result);
+                    }
+                }
             }
-            let Some(channel) = open.remove(&id) else {
-                continue;
-            };
-            if ended {
-                log_channel_end(&channel.label, channel.task.await);
-            } else {
-                channel.task.abort();
-                tracing::info!(channel = %channel.label, "offer rescinded; channel closed");
-            }
-            finished.insert(id);
-        }
-        // Forget offers that are gone, so memory stays bounded by what exists.
-        if scanned {
-            finished.retain(|id| present.contains(id));
-        }
-        reported.retain(|msg| match msg.strip_prefix("open ") {
-            Some(rest) => present.iter().any(|id| rest.starts_with(id.as_str())),
-            None => true,
-        });
-        // A host that keeps inventing distinct broken offers must not grow this set without bound;
-        // forgetting means a problem is logged again, which is harmless.
-        if reported.len() > MAX_REPORTED {
-            reported.clear();
-        }
-
-        tokio::select! {
-            _ = tokio::time::sleep(SCAN_INTERVAL) => {}
-            _ = stop.changed() => {}
         }
     }
-    for (_, channel) in open {
-        channel.task.abort();
-    }
+    tasks.shutdown().await;
     Ok(())
 }
 
-/// `Ok(Some)`: opened. `Ok(None)`: not ours or not yet. `Err`: unusable, do not retry.
-fn try_open<C: Candidate>(
-    offer: &C,
+/// Handles one scan: opens what is new and ours, logs each problem once. Returns the identities
+/// present (offers and problems).
+fn step<O: Candidate>(
+    scan: &Scan<O>,
     services: &Services,
-    reported: &mut HashSet<String>,
-) -> Result<Option<OpenChannel>, ()> {
+    book: &mut Book,
+    tasks: &mut JoinSet<(String, String, Result<(), ChannelError>)>,
+    budget: &mut LogBudget,
+) -> HashSet<String> {
+    let mut present = HashSet::with_capacity(scan.offers.len());
+    for entry in &scan.offers {
+        match entry {
+            Ok(offer) => {
+                let id = offer.identity();
+                present.insert(id.clone());
+                if book.open.contains_key(&id) || book.finished.contains(&id) {
+                    continue;
+                }
+                try_open(offer, id, services, book, tasks, budget);
+            }
+            Err(problem) => {
+                present.insert(problem.identity.clone());
+                if book.reported.insert(problem.identity.clone())
+                    && let Some(n) = budget.allow()
+                {
+                    tracing::warn!("ignoring offer: {}{}", problem.message, suppressed_note(n));
+                }
+            }
+        }
+    }
+    present
+}
+
+fn try_open<O: Candidate>(
+    offer: &O,
+    id: String,
+    services: &Services,
+    book: &mut Book,
+    tasks: &mut JoinSet<(String, String, Result<(), ChannelError>)>,
+    budget: &mut LogBudget,
+) {
+    let mut report = |book: &mut Book, line: &dyn Fn(u64)| {
+        if book.reported.insert(id.clone())
+            && let Some(n) = budget.allow()
+        {
+            line(n);
+        }
+    };
     let Some(kind) = services.kind_for(&offer.class_id()) else {
-        if reported.insert(format!("open {} unknown", offer.identity())) {
+        report(book, &|n| {
             tracing::info!(
                 class_id = %offer.class_id(),
                 instance_id = %offer.instance_id(),
-                "no enabled service for this offer's class; leaving it alone"
-            );
-        }
-        return Ok(None);
+                "no enabled service for this offer's class; leaving it alone{}",
+                suppressed_note(n)
+            )
+        });
+        return;
     };
     let label = channel_label(kind, &offer.instance_id());
+    if book.open.len() >= MAX_OPEN_CHANNELS {
+        report(
+            book,
+            &|n| tracing::warn!(channel = %label, "{MAX_OPEN_CHANNELS} channels are open already; not opening this one{}", suppressed_note(n)),
+        );
+        return;
+    }
     match offer.open(&label) {
         Ok(channel) => {
             tracing::info!(channel = %label, "channel opened");
-            Ok(Some(OpenChannel {
-                task: services.spawn(kind, channel),
-                label,
-            }))
+            let services = services.clone();
+            let (task_id, task_label) = (id.clone(), label.clone());
+            let abort = tasks.spawn(async move {
+                let result = services.serve(kind, channel).await;
+                (task_id, task_label, result)
+            });
+            book.reported.remove(&id);
+            book.open.insert(id, (label, abort));
         }
-        Err(OpenFailure::Retry(why)) => {
-            if reported.insert(format!("open {} retry", offer.identity())) {
-                tracing::info!(channel = %label, "cannot open yet, will retry: {why}");
-            }
-            Ok(None)
-        }
+        Err(OpenFailure::Retry(why)) => report(
+            book,
+            &|n| tracing::info!(channel = %label, "cannot open yet, will retry: {why}{}", suppressed_note(n)),
+        ),
         Err(OpenFailure::Fatal(why)) => {
-            tracing::error!(channel = %label, "cannot open channel: {why}");
-            Err(())
+            if let Some(n) = budget.allow() {
+                tracing::error!(channel = %label, "cannot open channel: {why}{}", suppressed_note(n));
+            }
+            book.finished.insert(id);
         }
     }
 }
@@ -326,14 +490,12 @@ pub fn channel_label(kind: ServiceKind, instance_id: &Guid) -> String {
     format!("{} {}", kind.name(), instance_id)
 }
 
-fn log_channel_end(label: &str, result: Result<Result<(), ChannelError>, tokio::task::JoinError>) {
+fn log_channel_end(label: &str, result: Result<(), ChannelError>) {
     match result {
-        Ok(Ok(())) => tracing::info!(channel = %label, "channel finished"),
-        Ok(Err(ChannelError::Closed { .. })) => {
+        Ok(()) => tracing::info!(channel = %label, "channel finished"),
+        Err(ChannelError::Closed { .. }) => {
             tracing::info!(channel = %label, "host closed the channel")
         }
-        Ok(Err(e)) => tracing::error!(channel = %label, "channel closed: {e}"),
-        Err(e) if e.is_cancelled() => {}
-        Err(e) => tracing::error!(channel = %label, "channel task failed: {e}"),
+        Err(e) => tracing::error!(channel = %label, "channel closed: {e}"),
     }
 }

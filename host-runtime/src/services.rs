@@ -71,7 +71,7 @@ impl ServiceKind {
 pub struct Services {
     config: Arc<Config>,
     /// One KVP core for every KVP channel and transport: the pools are one set of files.
-    kvp: Option<Arc<tokio::sync::Mutex<KvpCore>>>,
+    kvp: Option<Arc<KvpCore>>,
 }
 
 /// Why the services could not start.
@@ -97,7 +97,7 @@ impl Services {
                     source,
                 }
             })?;
-            Some(Arc::new(tokio::sync::Mutex::new(core)))
+            Some(Arc::new(core))
         } else {
             None
         };
@@ -108,7 +108,7 @@ impl Services {
     }
 
     /// Services around an existing KVP core (benchmarks, embedders that set up the core themselves).
-    pub fn with_kvp_core(config: Config, core: Arc<tokio::sync::Mutex<KvpCore>>) -> Self {
+    pub fn with_kvp_core(config: Config, core: Arc<KvpCore>) -> Self {
         Self {
             config: Arc::new(config),
             kvp: Some(core),
@@ -116,7 +116,7 @@ impl Services {
     }
 
     /// The shared KVP core, if KVP is enabled.
-    pub fn kvp_core(&self) -> Option<&Arc<tokio::sync::Mutex<KvpCore>>> {
+    pub fn kvp_core(&self) -> Option<&Arc<KvpCore>> {
         self.kvp.as_ref()
     }
 
@@ -181,7 +181,8 @@ pub async fn serve_ic<S: IcService>(mut channel: Channel, service: S) -> Result<
         channel.recv_batch(&mut packets, IC_BATCH).await?;
         for packet in packets.drain(..) {
             if packet.packet_type != PACKET_TYPE_DATA_INBAND {
-                tracing::warn!(
+                hvisd_protocol::throttled!(
+                    warn,
                     channel = %channel.label(),
                     packet_type = packet.packet_type,
                     "ignoring a non-inband packet on an IC channel"
@@ -195,7 +196,9 @@ pub async fn serve_ic<S: IcService>(mut channel: Channel, service: S) -> Result<
                         .await?
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(channel = %channel.label(), "IC message refused: {e}"),
+                Err(e) => {
+                    hvisd_protocol::throttled!(warn, channel = %channel.label(), "IC message refused: {e}")
+                }
             }
         }
     }

@@ -36,8 +36,14 @@ async fn a_uio_device_found_in_sysfs_answers_negotiation_and_heartbeats() {
     let tmp = tempfile::tempdir().unwrap();
     fake_sysfs(tmp.path(), "57164f39-9115-4e78-ab55-382f3bd5422d");
     let devices = uio::discover(&tmp.path().join("devices"), &tmp.path().join("dev")).unwrap();
-    assert_eq!(devices.len(), 1);
-    let device = devices.into_iter().next().unwrap().unwrap();
+    assert_eq!(devices.offers.len(), 1);
+    let device = devices
+        .offers
+        .into_iter()
+        .next()
+        .unwrap()
+        .map_err(|(_, e)| e)
+        .unwrap();
     assert_eq!(device.ring_size, RING_SIZE as usize);
 
     // KVP is off: this test must not open the machine's /var/lib/hyperv.

@@ -8,7 +8,7 @@ use crate::channel::{Channel, RingPair, Role};
 use crate::doorbell::Doorbell;
 use crate::offer::{MAX_OFFER_FILE_LEN, Offer, OfferError};
 use hvisd_ring::{RingError, SharedMapping};
-use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::fs::{Mode, OFlags};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -26,11 +26,51 @@ pub struct FoundOffer {
     pub identity: (u64, u64),
 }
 
+/// Most offer directories one scan looks at; a host that makes more gets the rest ignored (and
+/// counted), so it cannot make the runtime hold unbounded state or descriptors.
+pub const MAX_OFFER_DIRS: usize = 1024;
+
+/// What one scan of a root found.
+#[derive(Debug, Default)]
+pub struct ShmScan {
+    /// Offers, or (identity, problem) for malformed ones, in identity order.
+    pub offers: Vec<Result<FoundOffer, (String, ShmError)>>,
+    /// Directories without an `offer` file yet (a host still preparing one).
+    pub pending: Vec<PathBuf>,
+    /// Directories not looked at because of [`MAX_OFFER_DIRS`].
+    pub skipped: usize,
+}
+
+impl FoundOffer {
+    /// What identifies this offer: its directory and which `offer` file (device, inode); a
+    /// replaced offer gets a new identity.
+    pub fn identity(&self) -> String {
+        let (dev, ino) = self.identity;
+        format!(
+            "{}@{dev}:{ino}",
+            hvisd_protocol::text::escape_bytes(self.dir.as_os_str().as_encoded_bytes(), 256)
+        )
+    }
+}
+
+fn scan_key(entry: &Result<FoundOffer, (String, ShmError)>) -> String {
+    match entry {
+        Ok(found) => found.identity(),
+        Err((identity, _)) => identity.clone(),
+    }
+}
+
 /// Why an offer could not be read or opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ShmError {
+    /// The directory name is not UTF-8 (so it cannot be a GUID).
+    #[error("offer directory {name:?} is not named by an instance GUID")]
+    BadName {
+        /// The name, escaped.
+        name: String,
+    },
     /// The offer file is malformed.
-    #[error("{dir}: {source}")]
+    #[error("{}: {source}", shown(dir))]
     Offer {
         /// The offer directory.
         dir: PathBuf,
@@ -38,7 +78,10 @@ pub enum ShmError {
         source: OfferError,
     },
     /// The offer file is larger than any valid offer.
-    #[error("{dir}/offer is {len} bytes; an offer is at most {MAX_OFFER_FILE_LEN}")]
+    #[error(
+        "{}/offer is {len} bytes; an offer is at most {MAX_OFFER_FILE_LEN}",
+        shown(dir)
+    )]
     OfferTooLarge {
         /// The offer directory.
         dir: PathBuf,
@@ -46,7 +89,10 @@ pub enum ShmError {
         len: u64,
     },
     /// The ring file's size does not match the offer.
-    #[error("{dir}/ring is {actual} bytes but ring_size={ring_size} needs exactly {expected}")]
+    #[error(
+        "{}/ring is {actual} bytes but ring_size={ring_size} needs exactly {expected}",
+        shown(dir)
+    )]
     RingFileSize {
         /// The offer directory.
         dir: PathBuf,
@@ -58,7 +104,7 @@ pub enum ShmError {
         actual: u64,
     },
     /// The ring memory could not be mapped or is unusable.
-    #[error("{dir}/ring: {source}")]
+    #[error("{}/ring: {source}", shown(dir))]
     Ring {
         /// The offer directory.
         dir: PathBuf,
@@ -66,7 +112,7 @@ pub enum ShmError {
         source: RingError,
     },
     /// A file or socket operation failed.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {}: {source}", shown(path))]
     Io {
         /// What we were doing.
         what: &'static str,
@@ -75,6 +121,11 @@ pub enum ShmError {
         /// The error.
         source: io::Error,
     },
+}
+
+/// A host-chosen path, escaped for messages.
+fn shown(path: &Path) -> String {
+    hvisd_protocol::text::escape_bytes(path.as_os_str().as_encoded_bytes(), 256)
 }
 
 /// Wraps an I/O error with what was being done to which path.
@@ -106,30 +157,40 @@ impl ShmRoot {
         &self.root
     }
 
-    /// Lists the offers present now. Directories without an `offer` file are not offers yet and are
-    /// skipped silently; malformed offers are returned as errors (the caller logs each once).
-    pub fn scan(&self) -> io::Result<Vec<Result<FoundOffer, ShmError>>> {
-        let mut found = Vec::new();
+    /// Lists the offers present now, in a total order (by identity). Directories without an
+    /// `offer` file are not offers yet and are skipped silently; a malformed offer is returned as
+    /// an error with an identity of its own (directory name and inode), so the caller can log
+    /// each once. At most [`MAX_OFFER_DIRS`] directories are looked at; the rest are counted.
+    pub fn scan(&self) -> io::Result<ShmScan> {
+        let mut scan = ShmScan::default();
+        let mut looked_at = 0usize;
         for entry in std::fs::read_dir(&self.root)? {
             let entry = entry?;
-            let Ok(name) = entry.file_name().into_string() else {
-                continue;
-            };
             if !entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 continue;
             }
-            let dir = entry.path();
-            match read_offer(&dir, &name) {
-                Ok(Some(offer)) => found.push(Ok(offer)),
-                Ok(None) => {}
-                Err(e) => found.push(Err(e)),
+            if looked_at == MAX_OFFER_DIRS {
+                scan.skipped += 1;
+                continue;
+            }
+            looked_at += 1;
+            let name = entry.file_name();
+            let shown = hvisd_protocol::text::escape_bytes(name.as_encoded_bytes(), 64);
+            let identity = format!("{shown}@{}", std::os::unix::fs::DirEntryExt::ino(&entry));
+            let Some(name) = name.to_str() else {
+                scan.offers
+                    .push(Err((identity.clone(), ShmError::BadName { name: shown })));
+                continue;
+            };
+            match read_offer(&entry.path(), name) {
+                Ok(Some(offer)) => scan.offers.push(Ok(offer)),
+                Ok(None) => scan.pending.push(entry.path()),
+                Err(e) => scan.offers.push(Err((identity, e))),
             }
         }
-        found.sort_by(|a, b| match (a, b) {
-            (Ok(a), Ok(b)) => a.dir.cmp(&b.dir),
-            _ => std::cmp::Ordering::Equal,
-        });
-        Ok(found)
+        // A total order: sorting with a comparator that is not one may panic (Rust >= 1.81).
+        scan.offers.sort_by(|a, b| scan_key(a).cmp(&scan_key(b)));
+        Ok(scan)
     }
 
     /// Opens a channel as the guest: maps `ring`, sets the feature bits, connects to `doorbell`.
@@ -174,24 +235,97 @@ impl ShmRoot {
         };
         // Offer::parse bounds ring_size to 64 MiB, so the length fits usize on every target we build.
         let ring_size = found.offer.ring_size as usize;
-        let map = SharedMapping::map_file(&file, 2 * ring_size)
-            .map_err(|e| ring_err(e.into()))?;
+        let map = SharedMapping::map_file(&file, 2 * ring_size).map_err(|e| ring_err(e.into()))?;
         let rings = RingPair::new(map, ring_size, Role::Guest).map_err(ring_err)?;
         rings.set_feature_bits();
 
         let doorbell_path = found.dir.join("doorbell");
-        let stat = rustix::fs::statat(&dir_fd, "doorbell", AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| io_err("checking", &doorbell_path)(e.into()))?;
+        // Pin the socket itself (O_PATH, no link followed), check it is a socket, then connect to
+        // the pinned inode: swapping `doorbell` after the check cannot make the daemon connect to
+        // another socket of this machine.
+        let socket = rustix::fs::openat(
+            &dir_fd,
+            "doorbell",
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io_err("opening", &doorbell_path)(e.into()))?;
+        let stat =
+            rustix::fs::fstat(&socket).map_err(|e| io_err("checking", &doorbell_path)(e.into()))?;
         if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket {
             return Err(io_err("checking", &doorbell_path)(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "the doorbell must be a socket",
             )));
         }
-        let pinned = PathBuf::from(format!("/proc/self/fd/{}/doorbell", dir_fd.as_raw_fd()));
+        let pinned = PathBuf::from(format!("/proc/self/fd/{}", socket.as_raw_fd()));
         let doorbell =
             Doorbell::connect(&pinned).map_err(io_err("connecting to", &doorbell_path))?;
         Ok(Channel::new(rings, doorbell, label))
+    }
+}
+
+/// Tells the runtime when an shm root may have changed (inotify on the root and on each offer
+/// directory), so an idle runtime sleeps instead of polling. Events are only hints: any event
+/// leads to a full scan, and a missed one is made up by the runtime's slow fallback scan.
+pub struct ShmWatcher {
+    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+impl ShmWatcher {
+    /// Watches `root` for directories appearing and disappearing.
+    pub fn new(root: &Path) -> io::Result<Self> {
+        use rustix::fs::inotify;
+        let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)?;
+        inotify::add_watch(&fd, root, Self::mask())?;
+        Ok(Self {
+            fd: hvisd_sys::async_fd::register(fd, tokio::io::Interest::READABLE)?,
+        })
+    }
+
+    fn mask() -> rustix::fs::inotify::WatchFlags {
+        use rustix::fs::inotify::WatchFlags as W;
+        W::CREATE
+            | W::DELETE
+            | W::MOVED_FROM
+            | W::MOVED_TO
+            | W::CLOSE_WRITE
+            | W::DELETE_SELF
+            | W::MOVE_SELF
+            | W::ONLYDIR
+            | W::DONT_FOLLOW
+    }
+
+    /// Also watches an offer directory (an `offer` renamed into place, a rescind). Returns the
+    /// watch descriptor (the same one again for a directory already watched), or `None` on a
+    /// failure (the kernel's watch limit), which leaves that directory to the fallback scan.
+    pub fn watch(&self, dir: &Path) -> Option<i32> {
+        rustix::fs::inotify::add_watch(self.fd.get_ref(), dir, Self::mask()).ok()
+    }
+
+    /// Waits for the next batch of events and consumes it. Cancel safe: events are read only in
+    /// the poll that returns.
+    pub async fn changed(&self) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut buf = [0u8; 4096];
+            let mut got = false;
+            loop {
+                match rustix::io::read(self.fd.get_ref(), &mut buf[..]) {
+                    Ok(0) => break,
+                    Ok(_) => got = true,
+                    Err(rustix::io::Errno::AGAIN) => {
+                        guard.clear_ready();
+                        break;
+                    }
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if got {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -267,9 +401,9 @@ mod tests {
     }
 
     fn only_offer(root: &ShmRoot) -> Result<FoundOffer, ShmError> {
-        let mut found = root.scan().unwrap();
+        let mut found = root.scan().unwrap().offers;
         assert_eq!(found.len(), 1);
-        found.pop().unwrap()
+        found.pop().unwrap().map_err(|(_, e)| e)
     }
 
     #[tokio::test]
@@ -345,5 +479,51 @@ mod tests {
             root.open(&found, "test"),
             Err(ShmError::RingFileSize { actual: 4096, .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_doorbell_symlinked_to_another_socket_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = ShmRoot::new(tmp.path().join("root"));
+        std::fs::create_dir(root.path()).unwrap();
+        let _published = publish_offer(root.path(), &offer()).unwrap();
+        // Some other service's socket on this machine.
+        let victim = tmp.path().join("victim.sock");
+        let _listener = crate::doorbell::SeqpacketListener::bind(&victim).unwrap();
+        let doorbell = root
+            .path()
+            .join(offer().instance_id.to_string())
+            .join("doorbell");
+        std::fs::remove_file(&doorbell).unwrap();
+        std::os::unix::fs::symlink(&victim, &doorbell).unwrap();
+        let found = only_offer(&root).unwrap();
+        let err = root.open(&found, "test").err().unwrap();
+        assert!(err.to_string().contains("doorbell"), "{err}");
+    }
+
+    #[test]
+    fn many_offers_some_malformed_sort_in_a_total_order_without_panicking() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..90u32 {
+            let dir = tmp
+                .path()
+                .join(format!("{i:08x}-0000-4000-8000-000000000000"));
+            std::fs::create_dir(&dir).unwrap();
+            let text = match i % 3 {
+                0 => "garbage".to_string(),
+                1 => format!(
+                    "class_id=57164f39-9115-4e78-ab55-382f3bd5422d\ninstance_id={i:08x}-0000-4000-8000-000000000000\nring_size=8192\n"
+                ),
+                _ => "class_id=57164f39-9115-4e78-ab55-382f3bd5422d\n".to_string(),
+            };
+            std::fs::write(dir.join("offer"), text).unwrap();
+        }
+        let scan = ShmRoot::new(tmp.path()).scan().unwrap();
+        assert_eq!(scan.offers.len(), 90);
+        assert_eq!(scan.offers.iter().filter(|o| o.is_ok()).count(), 30);
+        let keys: Vec<String> = scan.offers.iter().map(scan_key).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
     }
 }

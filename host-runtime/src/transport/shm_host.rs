@@ -39,8 +39,7 @@ pub fn publish_offer(root: &Path, offer: &Offer) -> Result<PublishedOffer, ShmEr
         dir: dir.clone(),
         source,
     };
-    let map = SharedMapping::map_file(&file, 2 * ring_size)
-            .map_err(|e| ring_err(e.into()))?;
+    let map = SharedMapping::map_file(&file, 2 * ring_size).map_err(|e| ring_err(e.into()))?;
     let rings = RingPair::new(map, ring_size, Role::Host).map_err(ring_err)?;
     let doorbell_path = dir.join("doorbell");
     let listener =

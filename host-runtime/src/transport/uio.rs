@@ -9,8 +9,8 @@
 
 use crate::channel::{Channel, RingPair, Role};
 use crate::doorbell::{Doorbell, DoorbellKind};
-use crate::offer::{MAX_RING_SIZE, MIN_RING_SIZE};
 use hvisd_protocol::guid::Guid;
+use hvisd_ring::{MAX_RING_SIZE, MIN_RING_SIZE};
 use hvisd_ring::{RingError, SharedMapping};
 use std::fs::File;
 use std::io;
@@ -87,22 +87,44 @@ fn malformed(path: &Path, why: &'static str, found: &str) -> UioError {
     }
 }
 
+/// Most device directories one discovery looks at.
+pub const MAX_DEVICES: usize = 1024;
+
+/// What one discovery found.
+#[derive(Debug, Default)]
+pub struct UioScan {
+    /// Devices, or (identity, problem) for broken ones, in identity order.
+    pub offers: Vec<Result<UioDevice, (String, UioError)>>,
+    /// Device directories not looked at because of [`MAX_DEVICES`].
+    pub skipped: usize,
+}
+
 /// Finds every device under `devices` that is bound to uio (has a `uio/` directory). Devices not
-/// bound to uio are skipped silently; broken ones are returned as errors.
-pub fn discover(devices: &Path, dev_dir: &Path) -> io::Result<Vec<Result<UioDevice, UioError>>> {
-    let mut out = Vec::new();
+/// bound to uio are skipped silently; broken ones are returned as errors with an identity (their
+/// directory), in one total order.
+pub fn discover(devices: &Path, dev_dir: &Path) -> io::Result<UioScan> {
+    let mut scan = UioScan::default();
+    let mut looked_at = 0usize;
     for entry in std::fs::read_dir(devices)? {
         let dir = entry?.path();
         if !dir.join("uio").is_dir() {
             continue;
         }
-        out.push(describe(&dir, dev_dir));
+        if looked_at == MAX_DEVICES {
+            scan.skipped += 1;
+            continue;
+        }
+        looked_at += 1;
+        let identity = hvisd_protocol::text::escape_bytes(dir.as_os_str().as_encoded_bytes(), 256);
+        scan.offers
+            .push(describe(&dir, dev_dir).map_err(|e| (identity, e)));
     }
-    out.sort_by(|a, b| match (a, b) {
-        (Ok(a), Ok(b)) => a.instance_id.cmp(&b.instance_id),
-        _ => std::cmp::Ordering::Equal,
+    // A total order (a comparator that is not one may panic since Rust 1.81): by identity.
+    scan.offers.sort_by_cached_key(|entry| match entry {
+        Ok(dev) => format!("{}/{}", dev.instance_id, dev.uio_name),
+        Err((identity, _)) => identity.clone(),
     });
-    Ok(out)
+    Ok(scan)
 }
 
 /// Reads one device directory.
@@ -154,7 +176,7 @@ pub fn describe(dir: &Path, dev_dir: &Path) -> Result<UioDevice, UioError> {
     let ring_size = map_size / 2;
     if !map_size.is_multiple_of(2)
         || !ring_size.is_multiple_of(4096)
-        || !(u64::from(MIN_RING_SIZE)..=u64::from(MAX_RING_SIZE)).contains(&ring_size)
+        || !(MIN_RING_SIZE as u64..=MAX_RING_SIZE as u64).contains(&ring_size)
     {
         return Err(malformed(
             &size_path,
@@ -262,9 +284,16 @@ mod tests {
         )
         .unwrap();
 
-        let found = discover(&tmp.path().join("devices"), Path::new("/devtest")).unwrap();
+        let found = discover(&tmp.path().join("devices"), Path::new("/devtest"))
+            .unwrap()
+            .offers;
         assert_eq!(found.len(), 1);
-        let dev = found.into_iter().next().unwrap().unwrap();
+        let dev = found
+            .into_iter()
+            .next()
+            .unwrap()
+            .map_err(|(_, e)| e)
+            .unwrap();
         assert_eq!(dev.class_id, HEARTBEAT.parse().unwrap());
         assert_eq!(dev.instance_id, INSTANCE.parse().unwrap());
         assert_eq!(dev.relid, 14);

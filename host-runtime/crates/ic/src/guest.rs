@@ -148,17 +148,23 @@ impl<S: IcService> IcGuest<S> {
             // host the same thing as the counts and does not depend on what the host sent.
             match outcome {
                 NegotiateOutcome::Negotiated(n) => {
-                    tracing::info!(
+                    // Once per channel normally; a host that renegotiates in a loop gets a budget.
+                    hvisd_protocol::throttled!(
+                        info,
                         service,
-                        framework = %n.framework,
-                        message = %n.message,
+                        framework_version = %n.framework,
+                        message_version = %n.message,
                         "IC versions negotiated"
                     );
                     self.status.negotiated = Some(n);
                     status::HV_S_OK
                 }
                 NegotiateOutcome::NoCommonVersion => {
-                    tracing::warn!(service, "host offered no IC version this guest supports");
+                    hvisd_protocol::throttled!(
+                        warn,
+                        service,
+                        "host offered no IC version this guest supports"
+                    );
                     self.status.negotiated = None;
                     self.note_failure("host offered no supported framework or message version");
                     status::HV_E_FAIL
@@ -176,12 +182,12 @@ impl<S: IcService> IcGuest<S> {
                     status
                 }
                 Err(err @ IcServiceError::Malformed { .. }) => {
-                    tracing::warn!(service, error = %err, "IC message dropped");
+                    hvisd_protocol::throttled!(warn, service, error = %err, "IC message dropped");
                     self.note_failure(&err.to_string());
                     return Ok(None);
                 }
                 Err(err) => {
-                    tracing::warn!(service, error = %err, "IC message failed");
+                    hvisd_protocol::throttled!(warn, service, error = %err, "IC message failed");
                     self.status.messages += 1;
                     self.note_failure(&err.to_string());
                     status::HV_E_FAIL
@@ -191,7 +197,7 @@ impl<S: IcService> IcGuest<S> {
             let reason = format!(
                 "{service} IC: host sent message type {message_type} before version negotiation"
             );
-            tracing::warn!(service, %message_type, "IC message before version negotiation");
+            hvisd_protocol::throttled!(warn, service, %message_type, "IC message before version negotiation");
             self.note_failure(&reason);
             status::HV_E_FAIL
         };

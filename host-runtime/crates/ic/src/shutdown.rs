@@ -61,7 +61,52 @@ pub struct ShutdownService {
     action: ShutdownAction,
     allow_hibernate: bool,
     last: Option<ShutdownOutcome>,
-    child: Option<Child>,
+    child: Option<CommandRun>,
+}
+
+/// A started shutdown command. A thread of its own waits for it, so it is reaped when it exits
+/// whatever happens to the service (no zombie, even if no further request comes).
+#[derive(Debug)]
+struct CommandRun {
+    exit: std::sync::Arc<(
+        std::sync::Mutex<Option<std::io::Result<ExitStatus>>>,
+        std::sync::Condvar,
+    )>,
+}
+
+impl CommandRun {
+    fn start(mut child: Child) -> std::io::Result<Self> {
+        let exit = std::sync::Arc::new((std::sync::Mutex::new(None), std::sync::Condvar::new()));
+        let done = exit.clone();
+        std::thread::Builder::new()
+            .name("hvisd-shutdown-cmd".into())
+            .spawn(move || {
+                let status = child.wait();
+                let (slot, cv) = &*done;
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                cv.notify_all();
+            })?;
+        Ok(Self { exit })
+    }
+
+    fn running(&self) -> bool {
+        self.exit
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+
+    fn wait(self) -> std::io::Result<ExitStatus> {
+        let (slot, cv) = &*self.exit;
+        let mut status = slot.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(status) = status.take() {
+                return status;
+            }
+            status = cv.wait(status).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 impl ShutdownService {
@@ -93,14 +138,12 @@ impl ShutdownService {
     /// Waits for the last started command to exit and returns its status (`None` if no command
     /// is running). Blocks the thread: for tests and for an orderly exit of the daemon.
     pub fn wait_for_command(&mut self) -> Option<std::io::Result<ExitStatus>> {
-        self.child.take().map(|mut c| c.wait())
+        self.child.take().map(CommandRun::wait)
     }
 
-    /// Reaps a previous command that has exited, so finished commands do not linger as zombies.
+    /// Forgets a previous command that has exited (its thread reaped it).
     fn reap(&mut self) {
-        if let Some(child) = &mut self.child
-            && !matches!(child.try_wait(), Ok(None))
-        {
+        if self.child.as_ref().is_some_and(|c| !c.running()) {
             self.child = None;
         }
     }
@@ -121,8 +164,15 @@ impl ShutdownService {
         match spawned {
             Ok(child) => {
                 let pid = child.id();
-                self.child = Some(child);
-                ActionTaken::CommandStarted { pid }
+                match CommandRun::start(child) {
+                    Ok(run) => {
+                        self.child = Some(run);
+                        ActionTaken::CommandStarted { pid }
+                    }
+                    Err(e) => ActionTaken::CommandFailed(format!(
+                        "started {program:?} (pid {pid}) but cannot watch it: {e}"
+                    )),
+                }
             }
             Err(e) => ActionTaken::CommandFailed(format!("cannot start {program:?}: {e}")),
         }
@@ -174,12 +224,13 @@ impl IcService for ShutdownService {
             ActionTaken::Logged | ActionTaken::CommandStarted { .. } => status::HV_S_OK,
             ActionTaken::Refused(_) | ActionTaken::CommandFailed(_) => status::HV_E_FAIL,
         };
-        tracing::warn!(
+        hvisd_protocol::throttled!(
+            warn,
             kind = request.kind.as_str(),
             force = request.force,
             reason = format_args!("{:#x}", request.reason_code),
             timeout_s = request.timeout_seconds,
-            message = %request.message,
+            host_message = %hvisd_protocol::text::Escaped::new(&request.message),
             action = ?action,
             "shutdown request from host"
         );

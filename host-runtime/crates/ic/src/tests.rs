@@ -292,6 +292,33 @@ async fn shutdown_guest(action: ShutdownAction) -> (IcGuest<ShutdownService>, Ic
 }
 
 #[tokio::test]
+async fn a_finished_shutdown_command_is_reaped_without_another_request() {
+    let (mut guest, mut host) = shutdown_guest(ShutdownAction::Command(vec!["true".into()])).await;
+    let packet = host.request(&shutdown_request(3)).unwrap();
+    guest.on_packet(&packet).await.unwrap().unwrap();
+    let ActionTaken::CommandStarted { pid } = guest.service().last_outcome().unwrap().action else {
+        panic!("the command did not start");
+    };
+    // No further request and the service dropped: the command must not stay a zombie.
+    drop(guest);
+    let stat = format!("/proc/{pid}/stat");
+    let start = std::time::Instant::now();
+    loop {
+        match std::fs::read_to_string(&stat) {
+            Err(_) => break, // reaped
+            Ok(text) => {
+                let state = text.rsplit(')').next().unwrap_or("").trim_start();
+                assert!(
+                    start.elapsed() < std::time::Duration::from_secs(5),
+                    "pid {pid} not reaped: {state}"
+                );
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[tokio::test]
 async fn shutdown_command_runs_with_the_request_in_its_environment() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("request");

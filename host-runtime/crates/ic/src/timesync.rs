@@ -115,7 +115,8 @@ impl IcService for TimesyncService {
             offset_nanos,
         };
         if sample.flags.is_sync() {
-            tracing::info!(
+            hvisd_protocol::throttled!(
+                info,
                 offset_ns = %offset_nanos,
                 "host requests a clock sync; hvisd records the offset and leaves the clock alone"
             );

@@ -97,20 +97,13 @@ pub fn setup(
 ) -> Result<KvpCore, BenchError> {
     let config = KvpConfig {
         pool_dir: dir.to_path_buf(),
-        store: StoreOptions {
-            fsync: false,
-            ..StoreOptions::default()
-        },
         ..KvpConfig::default()
     };
-    let mut core = KvpCore::new(config).map_err(|e| BenchError::Setup(e.to_string()))?;
     {
-        let store = core.store();
-        let mut store = store
-            .lock()
-            .map_err(|_| BenchError::Setup("store lock poisoned".into()))?;
+        let mut store = crate::pool::PoolStore::open(dir, StoreOptions::default())
+            .map_err(|e| BenchError::Setup(e.to_string()))?;
         if store
-            .records(Pool::Guest)
+            .list(Pool::Guest)
             .map_err(|e| BenchError::Setup(e.to_string()))?
             .len()
             != opts.pool_keys
@@ -126,6 +119,7 @@ pub fn setup(
             }
         }
     }
+    let core = KvpCore::new(config).map_err(|e| BenchError::Setup(e.to_string()))?;
     if plugin_keys > 0 {
         let providers = opts.providers.clone().unwrap_or_else(|| {
             vec![Arc::new(Immediate(
@@ -173,7 +167,7 @@ pub async fn run_kvp_bench(opts: &KvpBenchOptions) -> Result<Vec<KvpBenchCase>, 
             std::process::id()
         ));
         let result = async {
-            let core = Arc::new(tokio::sync::Mutex::new(setup(&dir, opts, plugin_keys)?));
+            let core = Arc::new(setup(&dir, opts, plugin_keys)?);
             cases.push(bench_kernel(core.clone(), opts, plugin_keys).await?);
             cases.push(bench_vmbus(core, opts, plugin_keys).await);
             Ok::<(), BenchError>(())
@@ -186,7 +180,7 @@ pub async fn run_kvp_bench(opts: &KvpBenchOptions) -> Result<Vec<KvpBenchCase>, 
 }
 
 async fn bench_kernel(
-    core: Arc<tokio::sync::Mutex<KvpCore>>,
+    core: Arc<KvpCore>,
     opts: &KvpBenchOptions,
     plugin_keys: usize,
 ) -> Result<KvpBenchCase, BenchError> {
@@ -235,7 +229,7 @@ async fn bench_kernel(
 }
 
 async fn bench_vmbus(
-    core: Arc<tokio::sync::Mutex<KvpCore>>,
+    core: Arc<KvpCore>,
     opts: &KvpBenchOptions,
     plugin_keys: usize,
 ) -> KvpBenchCase {

@@ -1,10 +1,9 @@
 //! `hvisd kvp list|get|set|delete [--pool NAME] [--pool-dir DIR] [--json]`: an operator's tool over
-//! the pool files, safe while the daemon runs (it uses the same locks and atomic rewrite, and waits
-//! for late cloud-init appends to a file it replaced before exiting).
+//! the pool files, safe while the daemon runs (it takes the same locks, with the same timeout, and
+//! writes in place as the daemon does).
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use hvisd_protocol::kvp::{MAX_KEY_SIZE, MAX_VALUE_SIZE, Pool};
 
@@ -75,6 +74,9 @@ pub enum KvpCliError {
     /// The key is empty or contains NUL.
     #[error("the key must be non-empty and contain no NUL byte")]
     BadKey,
+    /// The pool directory does not exist.
+    #[error("pool directory {} does not exist (is hv_kvp_daemon or hvisd running here? use --pool-dir)", .0.display())]
+    NoPoolDir(PathBuf),
     /// Writing the output failed.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
@@ -82,7 +84,12 @@ pub enum KvpCliError {
 
 /// Runs one command, writing the table (or JSON) to `out`.
 pub fn cli(args: &KvpCliArgs, out: &mut dyn Write) -> Result<(), KvpCliError> {
-    let mut store = PoolStore::open(&args.pool_dir, StoreOptions::default())?;
+    // The operator's tool never creates the directory: a typo in --pool-dir is an error, not five
+    // new empty pools.
+    if !args.pool_dir.is_dir() {
+        return Err(KvpCliError::NoPoolDir(args.pool_dir.clone()));
+    }
+    let mut store = PoolStore::open_existing(&args.pool_dir, StoreOptions::default())?;
     let default_pool = args.pool.unwrap_or(Pool::Guest);
     match &args.command {
         KvpCliCommand::List => {
@@ -134,7 +141,6 @@ pub fn cli(args: &KvpCliArgs, out: &mut dyn Write) -> Result<(), KvpCliError> {
         KvpCliCommand::Set { key, value } => {
             check(key, value)?;
             store.set(default_pool, key, value)?;
-            store.settle(Duration::from_millis(200))?;
             if args.json {
                 writeln!(
                     out,
@@ -145,7 +151,6 @@ pub fn cli(args: &KvpCliArgs, out: &mut dyn Write) -> Result<(), KvpCliError> {
         }
         KvpCliCommand::Delete { key } => {
             let deleted = store.delete(default_pool, key)?;
-            store.settle(Duration::from_millis(200))?;
             if !deleted {
                 return Err(KvpCliError::NotFound {
                     key: key.clone(),

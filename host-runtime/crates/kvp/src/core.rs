@@ -17,9 +17,9 @@
 //!
 //! A new record's unused bytes are zero (the C daemon leaves whatever its heap held there).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
-use hvisd_protocol::ic::status::{HV_E_FAIL, HV_INVALIDARG, HV_S_CONT};
+use hvisd_protocol::ic::status::{HV_E_FAIL, HV_ERROR_DISK_FULL, HV_INVALIDARG, HV_S_CONT};
 use hvisd_protocol::kvp::{KvpOperation, MAX_KEY_SIZE, MAX_VALUE_SIZE, Pool};
 use hvisd_protocol::kvp_daemon::{self as dm, DaemonMessage, layout};
 use tokio::sync::broadcast;
@@ -27,7 +27,8 @@ use tokio::sync::broadcast;
 use crate::guest_keys::GuestKeys;
 use crate::intrinsic::{self, OsInfo, OsInfoSources};
 use crate::ipinfo::{self, NetConfig};
-use crate::pool::{PoolStore, Record, StoreError, StoreOptions};
+use crate::pool::{Change, PoolStore, Record, StoreError, StoreOptions};
+use crate::store::PoolHandle;
 
 /// Everything the KVP service reads its facts from and writes to.
 #[derive(Debug, Clone)]
@@ -75,14 +76,16 @@ pub struct KvpOutcome {
     pub status: u32,
 }
 
-/// The KVP service state shared by both transports.
+/// The KVP service state shared by every transport. Shared as `Arc<KvpCore>`; requests run
+/// concurrently: pool operations are serialised by the pool-store thread ([`PoolHandle`]), IP
+/// scripts run on blocking threads, and no lock is held across an `await`.
 pub struct KvpCore {
-    store: Arc<Mutex<PoolStore>>,
+    pools: PoolHandle,
     os: OsInfo,
     fqdn: String,
-    lic_version: Vec<u8>,
+    lic_version: Mutex<Vec<u8>>,
     net: NetConfig,
-    guest_keys: Option<Arc<GuestKeys>>,
+    guest_keys: RwLock<Option<Arc<GuestKeys>>>,
     events: broadcast::Sender<HostKvpEvent>,
 }
 
@@ -96,28 +99,41 @@ impl std::fmt::Debug for KvpCore {
 }
 
 impl KvpCore {
-    /// Opens the pools and reads the facts the C daemon reads at start (OS info, FQDN).
+    /// Opens the pools, starts their owner thread and reads the facts the C daemon reads at start
+    /// (OS info, FQDN).
     pub fn new(config: KvpConfig) -> Result<KvpCore, StoreError> {
         let store = PoolStore::open(&config.pool_dir, config.store)?;
+        let pools = PoolHandle::spawn(store).map_err(|source| StoreError::Io {
+            path: config.pool_dir.clone(),
+            what: "starting the pool-store thread",
+            source,
+        })?;
         Ok(KvpCore {
-            store: Arc::new(Mutex::new(store)),
+            pools,
             os: OsInfo::read(&config.os),
             fqdn: intrinsic::fully_qualified_domain_name(),
-            lic_version: b"Unknown version".to_vec(),
+            lic_version: Mutex::new(b"Unknown version".to_vec()),
             net: config.net,
-            guest_keys: None,
+            guest_keys: RwLock::new(None),
             events: broadcast::channel(256).0,
         })
     }
 
-    /// The pool store, shared with the plugin host's KVP-store import and the CLI.
-    pub fn store(&self) -> Arc<Mutex<PoolStore>> {
-        self.store.clone()
+    /// The pool store, shared with the plugins' `kvp-store` import.
+    pub fn store(&self) -> PoolHandle {
+        self.pools.clone()
     }
 
-    /// Installs the plugin-provided Guest-pool keys.
-    pub fn set_guest_keys(&mut self, keys: GuestKeys) {
-        self.guest_keys = Some(Arc::new(keys));
+    /// Installs the plugin-provided Guest-pool keys (replacing the previous set at once).
+    pub fn set_guest_keys(&self, keys: GuestKeys) {
+        *self.guest_keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(keys));
+    }
+
+    fn guest_keys(&self) -> Option<Arc<GuestKeys>> {
+        self.guest_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Host SET/DELETE notifications (every pool; filter on [`HostKvpEvent::pool`]).
@@ -126,8 +142,9 @@ impl KvpCore {
     }
 
     /// The `IntegrationServicesVersion` value (the kernel's REGISTER1 answer, `"3.1"` on VMBus).
-    pub fn set_integration_services_version(&mut self, version: &[u8]) {
-        self.lic_version = version[..version.len().min(MAX_VALUE_SIZE - 1)].to_vec();
+    pub fn set_integration_services_version(&self, version: &[u8]) {
+        *self.lic_version.lock().unwrap_or_else(|p| p.into_inner()) =
+            version[..version.len().min(MAX_VALUE_SIZE - 1)].to_vec();
     }
 
     /// The OS facts reported in the Auto pool.
@@ -140,12 +157,8 @@ impl KvpCore {
         self.fqdn = fqdn;
     }
 
-    fn lock_store(&self) -> std::sync::MutexGuard<'_, PoolStore> {
-        self.store.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Answers one request in place (see the module docs). The caller handles REGISTER1.
-    pub async fn execute(&mut self, msg: &mut DaemonMessage) -> KvpOutcome {
+    pub async fn execute(&self, msg: &mut DaemonMessage) -> KvpOutcome {
         let operation = KvpOperation(msg[layout::OPERATION]);
         let pool_byte = msg[layout::POOL];
         dm::set_error(&mut msg[..], 0);
@@ -161,7 +174,7 @@ impl KvpCore {
         }
     }
 
-    async fn dispatch(&mut self, op: KvpOperation, pool_byte: u8, msg: &mut DaemonMessage) -> u32 {
+    async fn dispatch(&self, op: KvpOperation, pool_byte: u8, msg: &mut DaemonMessage) -> u32 {
         match op {
             KvpOperation::GET_IP_INFO | KvpOperation::SET_IP_INFO => {
                 let net = self.net.clone();
@@ -193,18 +206,30 @@ impl KvpCore {
                     return self.enumerate_auto(msg);
                 }
                 let Some(pool) = Pool::from_number(pool_byte) else {
-                    tracing::warn!(op = %op, pool = pool_byte, "KVP request for pool {pool_byte}: pools are 0-4; answering HV_INVALIDARG");
+                    hvisd_protocol::throttled!(warn, op = %op, pool = pool_byte, "KVP request for pool {pool_byte}: pools are 0-4; answering HV_INVALIDARG");
                     return HV_INVALIDARG;
                 };
                 let result = match op {
-                    KvpOperation::SET => self.set(pool, msg),
+                    KvpOperation::SET => self.set(pool, msg).await,
                     KvpOperation::GET => self.get(pool, msg).await,
-                    KvpOperation::DELETE => self.delete(pool, msg),
+                    KvpOperation::DELETE => self.delete(pool, msg).await,
                     _ => self.enumerate(pool, msg).await,
                 };
-                result.unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "KVP {op} on pool {pool}: answering HV_E_FAIL");
-                    HV_E_FAIL
+                result.unwrap_or_else(|e| match e {
+                    StoreError::PoolFull { .. } => {
+                        hvisd_protocol::throttled!(
+                            warn,
+                            "KVP {op}: {e}; answering HV_ERROR_DISK_FULL"
+                        );
+                        HV_ERROR_DISK_FULL
+                    }
+                    e => {
+                        hvisd_protocol::throttled!(
+                            error,
+                            "KVP {op} on pool {pool}: {e}; answering HV_E_FAIL"
+                        );
+                        HV_E_FAIL
+                    }
                 })
             }
             // The C daemon answers any other operation (including a late REGISTER1) with error 0.
@@ -214,11 +239,11 @@ impl KvpCore {
 
     fn key_arg(op: KvpOperation, size: u32, limit_status: u32) -> Result<usize, u32> {
         if size == 0 {
-            tracing::warn!("KVP {op}: key_size is 0; answering HV_INVALIDARG");
+            hvisd_protocol::throttled!(warn, "KVP {op}: key_size is 0; answering HV_INVALIDARG");
             return Err(HV_INVALIDARG);
         }
         if size as usize > MAX_KEY_SIZE {
-            tracing::warn!("KVP {op}: key is {size} bytes, limit {MAX_KEY_SIZE}");
+            hvisd_protocol::throttled!(warn, "KVP {op}: key is {size} bytes, limit {MAX_KEY_SIZE}");
             return Err(limit_status);
         }
         Ok(size as usize)
@@ -230,32 +255,41 @@ impl KvpCore {
         let ks = Self::key_arg(op, dm_u32(msg, layout::SET_KEY_SIZE), HV_S_CONT)?;
         let value_size = dm_u32(msg, layout::SET_VALUE_SIZE);
         if value_size as usize > MAX_VALUE_SIZE {
-            tracing::warn!("KVP {op}: value_size {value_size}, limit {MAX_VALUE_SIZE}");
+            hvisd_protocol::throttled!(
+                warn,
+                "KVP {op}: value_size {value_size}, limit {MAX_VALUE_SIZE}"
+            );
             return Err(HV_S_CONT);
         }
         Ok((ks, value_size as usize))
     }
 
-    fn set(&mut self, pool: Pool, msg: &mut DaemonMessage) -> Result<u32, StoreError> {
+    async fn set(&self, pool: Pool, msg: &mut DaemonMessage) -> Result<u32, StoreError> {
         let (ks, vs) = match Self::exchange_sizes(KvpOperation::SET, msg) {
             Ok(sizes) => sizes,
             Err(status) => return Ok(status),
         };
         let key = msg[layout::SET_KEY..layout::SET_KEY + ks].to_vec();
         let value = msg[layout::SET_VALUE..layout::SET_VALUE + vs].to_vec();
-        self.lock_store().update(pool, |records| {
-            match records.iter_mut().find(|r| r.key_field()[..ks] == key[..]) {
-                // Modify: only the first value_size bytes change, as the C memcpy does.
-                Some(r) => r.value_field_mut()[..vs].copy_from_slice(&value),
-                None => {
-                    let mut r = Record::new(&[], &[]);
-                    r.key_field_mut()[..ks].copy_from_slice(&key);
-                    r.value_field_mut()[..vs].copy_from_slice(&value);
-                    records.push(r);
+        let (k, v) = (key.clone(), value.clone());
+        self.pools
+            .update(pool, move |records| {
+                match records.iter().position(|r| r.key_field()[..ks] == k[..]) {
+                    // Modify: only the first value_size bytes change, as the C memcpy does.
+                    Some(i) => {
+                        records[i].value_field_mut()[..vs].copy_from_slice(&v);
+                        ((), Change::Modified(i))
+                    }
+                    None => {
+                        let mut r = Record::new(&[], &[]);
+                        r.key_field_mut()[..ks].copy_from_slice(&k);
+                        r.value_field_mut()[..vs].copy_from_slice(&v);
+                        records.push(r);
+                        ((), Change::Appended)
+                    }
                 }
-            }
-            ((), true)
-        })?;
+            })
+            .await?;
         let _ = self.events.send(HostKvpEvent {
             pool,
             key: String::from_utf8_lossy(dm::cstr(&key)).into_owned(),
@@ -264,13 +298,13 @@ impl KvpCore {
         Ok(0)
     }
 
-    async fn get(&mut self, pool: Pool, msg: &mut DaemonMessage) -> Result<u32, StoreError> {
+    async fn get(&self, pool: Pool, msg: &mut DaemonMessage) -> Result<u32, StoreError> {
         let (ks, vs) = match Self::exchange_sizes(KvpOperation::GET, msg) {
             Ok(sizes) => sizes,
             Err(status) => return Ok(status),
         };
         let key = msg[layout::SET_KEY..layout::SET_KEY + ks].to_vec();
-        let guest_keys = self.guest_keys.clone().filter(|_| pool == Pool::Guest);
+        let guest_keys = self.guest_keys().filter(|_| pool == Pool::Guest);
         if let Some(gk) = guest_keys
             && let Some(owned) = gk
                 .keys()
@@ -287,12 +321,15 @@ impl KvpCore {
                 None => HV_S_CONT,
             });
         }
-        let mut store = self.lock_store();
-        let found = store
-            .records(pool)?
-            .iter()
-            .find(|r| r.key_field()[..ks] == key[..])
-            .cloned();
+        let found = self
+            .pools
+            .read(pool, move |records| {
+                records
+                    .iter()
+                    .find(|r| r.key_field()[..ks] == key[..])
+                    .cloned()
+            })
+            .await?;
         Ok(match found {
             Some(r) => {
                 msg[layout::SET_VALUE..layout::SET_VALUE + vs]
@@ -303,30 +340,34 @@ impl KvpCore {
         })
     }
 
-    fn delete(&mut self, pool: Pool, msg: &mut DaemonMessage) -> Result<u32, StoreError> {
+    async fn delete(&self, pool: Pool, msg: &mut DaemonMessage) -> Result<u32, StoreError> {
         let key_size = dm_u32(msg, layout::DELETE_KEY_SIZE);
         let ks = match Self::key_arg(KvpOperation::DELETE, key_size, HV_S_CONT) {
             Ok(k) => k,
             Err(s) => return Ok(s),
         };
         let key = msg[layout::DELETE_KEY..layout::DELETE_KEY + ks].to_vec();
-        let deleted = self.lock_store().update(pool, |records| {
-            let Some(i) = records.iter().position(|r| r.key_field()[..ks] == key[..]) else {
-                return (false, false);
-            };
-            // The C daemon shifts the following records up with strcpy: only the bytes up to each
-            // NUL move, the rest of the slot keeps the previous occupant's bytes.
-            for j in i..records.len() - 1 {
-                let (k, v) = (
-                    records[j + 1].key().to_vec(),
-                    records[j + 1].value().to_vec(),
-                );
-                dm::strcpy_field(records[j].key_field_mut(), &k);
-                dm::strcpy_field(records[j].value_field_mut(), &v);
-            }
-            records.pop();
-            (true, true)
-        })?;
+        let k = key.clone();
+        let deleted = self
+            .pools
+            .update(pool, move |records| {
+                let Some(i) = records.iter().position(|r| r.key_field()[..ks] == k[..]) else {
+                    return (false, Change::None);
+                };
+                // The C daemon shifts the following records up with strcpy: only the bytes up to
+                // each NUL move, the rest of the slot keeps the previous occupant's bytes.
+                for j in i..records.len() - 1 {
+                    let (k, v) = (
+                        records[j + 1].key().to_vec(),
+                        records[j + 1].value().to_vec(),
+                    );
+                    dm::strcpy_field(records[j].key_field_mut(), &k);
+                    dm::strcpy_field(records[j].value_field_mut(), &v);
+                }
+                records.pop();
+                (true, Change::Removed(i))
+            })
+            .await?;
         if !deleted {
             return Ok(HV_S_CONT);
         }
@@ -338,10 +379,11 @@ impl KvpCore {
         Ok(0)
     }
 
-    async fn enumerate(&mut self, pool: Pool, msg: &mut DaemonMessage) -> Result<u32, StoreError> {
+    async fn enumerate(&self, pool: Pool, msg: &mut DaemonMessage) -> Result<u32, StoreError> {
         let index = dm_u32(msg, layout::ENUM_INDEX);
         if index > i32::MAX as u32 {
-            tracing::warn!(
+            hvisd_protocol::throttled!(
+                warn,
                 index,
                 "KVP ENUMERATE: index past 2^31 (the C daemon would read before its array); answering HV_S_CONT"
             );
@@ -349,15 +391,14 @@ impl KvpCore {
         }
         let index = index as usize;
         let guest_keys = if pool == Pool::Guest {
-            self.guest_keys.clone()
+            self.guest_keys()
         } else {
             None
         };
         // Either a file record (or none), or an index into the plugin keys that follow them.
-        let found: Result<Option<Record>, (usize, Arc<GuestKeys>)> = {
-            let mut store = self.lock_store();
-            let records = store.records(pool)?;
-            match guest_keys {
+        let found: Result<Option<Record>, (usize, Arc<GuestKeys>)> = self
+            .pools
+            .read(pool, move |records| match guest_keys {
                 None => Ok(records.get(index).cloned()),
                 Some(gk) => {
                     let n = records.iter().filter(|r| !gk.owns(r.key())).count();
@@ -371,8 +412,8 @@ impl KvpCore {
                         Err((index - n, gk))
                     }
                 }
-            }
-        };
+            })
+            .await?;
         let record = match found {
             Ok(r) => r,
             Err((plugin_index, gk)) => gk
@@ -393,15 +434,20 @@ impl KvpCore {
         })
     }
 
-    fn enumerate_auto(&mut self, msg: &mut DaemonMessage) -> u32 {
+    fn enumerate_auto(&self, msg: &mut DaemonMessage) -> u32 {
         let index = dm_u32(msg, layout::ENUM_INDEX);
         let Some(&name) = intrinsic::INTRINSIC_KEYS.get(index as usize) else {
             return HV_S_CONT;
         };
         let value_field = &mut msg[layout::ENUM_VALUE..layout::ENUM_VALUE + MAX_VALUE_SIZE];
+        let lic_version = self
+            .lic_version
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let text = match index {
             0 => Some(self.fqdn.as_bytes()),
-            1 => Some(&self.lic_version[..]),
+            1 => Some(&lic_version[..]),
             2 | 3 => {
                 ipinfo::enumerate_addresses(index == 3, value_field);
                 None

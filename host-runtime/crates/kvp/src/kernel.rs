@@ -77,17 +77,25 @@ pub fn open_device(path: &Path) -> Result<OwnedFd, KernelTransportError> {
     }
 }
 
-/// Runs the daemon protocol on `path` until the peer closes a socket (`Ok`) or a fatal error.
-/// Reopens the device after a wrong-sized read, as `hv_kvp_daemon` does.
+/// Runs the daemon protocol on `path` until the peer closes a socket (`Ok`), `stop` turns true
+/// (`Ok`, after the request in progress is answered), or a fatal error. Reopens the device after a
+/// wrong-sized read, as `hv_kvp_daemon` does.
 pub async fn run_kernel_transport(
-    core: Arc<tokio::sync::Mutex<KvpCore>>,
+    core: Arc<KvpCore>,
     path: &Path,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), KernelTransportError> {
     loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
         let fd = open_device(path)?;
-        match serve_fd(core.clone(), fd).await? {
-            SessionEnd::PeerClosed => return Ok(()),
-            SessionEnd::Reopen => tokio::time::sleep(Duration::from_millis(100)).await,
+        match serve_fd_until(core.clone(), fd, &mut stop).await? {
+            SessionEnd::PeerClosed | SessionEnd::Stopped => return Ok(()),
+            SessionEnd::Reopen => tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stop.wait_for(|stop| *stop) => return Ok(()),
+            },
         }
     }
 }
@@ -99,13 +107,22 @@ pub enum SessionEnd {
     PeerClosed,
     /// A wrong-sized read or write: reopen, as the C daemon does.
     Reopen,
+    /// The runtime is stopping (no request was in progress).
+    Stopped,
 }
 
 /// Serves one already-open descriptor (device, connected socket, or one end of a socketpair):
 /// registers, then answers requests. The descriptor must be non-blocking.
-pub async fn serve_fd(
-    core: Arc<tokio::sync::Mutex<KvpCore>>,
+pub async fn serve_fd(core: Arc<KvpCore>, fd: OwnedFd) -> Result<SessionEnd, KernelTransportError> {
+    let (_keep, mut never) = tokio::sync::watch::channel(false);
+    serve_fd_until(core, fd, &mut never).await
+}
+
+/// [`serve_fd`] until `stop` turns true; a request already read is answered first.
+pub async fn serve_fd_until(
+    core: Arc<KvpCore>,
     fd: OwnedFd,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<SessionEnd, KernelTransportError> {
     let fd = hvisd_sys::async_fd::register_rw(fd).map_err(|source| KernelTransportError::Io {
         what: "registering the descriptor",
@@ -119,7 +136,10 @@ pub async fn serve_fd(
     let mut in_handshake = true;
     let mut msg = dm::zeroed();
     loop {
-        let n = read_msg(&fd, &mut msg[..]).await?;
+        let n = tokio::select! {
+            n = read_msg(&fd, &mut msg[..]) => n?,
+            _ = stop.wait_for(|stop| *stop) => return Ok(SessionEnd::Stopped),
+        };
         if n == 0 {
             tracing::info!("KVP kernel transport: peer closed");
             return Ok(SessionEnd::PeerClosed);
@@ -137,10 +157,10 @@ pub async fn serve_fd(
                 dm::cstr(&msg[layout::REGISTER_VERSION..layout::REGISTER_VERSION + MAX_KEY_SIZE])
                     .to_vec();
             tracing::info!(version = %String::from_utf8_lossy(&version), "KVP LIC version");
-            core.lock().await.set_integration_services_version(&version);
+            core.set_integration_services_version(&version);
             continue;
         }
-        core.lock().await.execute(&mut msg).await;
+        core.execute(&mut msg).await;
         if write_msg(&fd, &msg[..]).await? != DAEMON_MSG_SIZE {
             tracing::error!("KVP kernel transport: short write; reopening");
             return Ok(SessionEnd::Reopen);
@@ -162,7 +182,9 @@ async fn read_msg(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> Result<usize, Kernel
         }) {
             Ok(Ok(n)) => return Ok(n),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Ok(Err(e)) if e.raw_os_error() == Some(rustix::io::Errno::CONNRESET.raw_os_error()) => return Ok(0),
+            Ok(Err(e)) if e.raw_os_error() == Some(rustix::io::Errno::CONNRESET.raw_os_error()) => {
+                return Ok(0);
+            }
             Ok(Err(source)) => {
                 return Err(KernelTransportError::Io {
                     what: "read",

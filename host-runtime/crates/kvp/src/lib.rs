@@ -4,7 +4,8 @@
 //!   exactly as `hv_kvp_daemon` does (its differences are listed there).
 //! - [`vmbus::KvpService`]: the VMBus codec (an `IcService` for the shm and uio transports).
 //! - [`kernel`]: the `/dev/vmbus/hv_kvp` daemon protocol (or a `SOCK_SEQPACKET` socket in tests).
-//! - [`pool::PoolStore`]: the `.kvp_pool_N` files, safe alongside cloud-init's appends.
+//! - [`pool::PoolStore`]: the `.kvp_pool_N` files, safe alongside cloud-init's appends; [`store`]:
+//!   the thread that owns them in the daemon.
 //! - [`intrinsic`], [`ipinfo`]: the Auto-pool facts and the IP configuration operations.
 //! - [`guest_keys`]: Guest-pool keys owned by plugins, with deadline, cache and last-good value.
 //! - [`cli`]: `hvisd kvp list|get|set|delete`; [`bench`](mod@bench): `hvisd bench kvp`.
@@ -18,9 +19,11 @@ pub mod intrinsic;
 pub mod ipinfo;
 pub mod kernel;
 pub mod pool;
+pub mod store;
 pub mod vmbus;
 
 pub use crate::core::{HostKvpEvent, KvpConfig, KvpCore, KvpOutcome};
 pub use guest_keys::{GuestKeyOptions, GuestKeyProvider, GuestKeys};
-pub use pool::{PoolStore, Record, StoreError, StoreOptions};
+pub use pool::{Change, PoolStore, Record, StoreError, StoreOptions};
+pub use store::PoolHandle;
 pub use vmbus::KvpService;

@@ -3,41 +3,56 @@
 //!
 //! # Who else touches these files
 //! * cloud-init's Hyper-V reporting handler (and azure-init, WALinuxAgent) *append* records to
-//!   `.kvp_pool_1`: `open(O_APPEND)`, `flock(LOCK_EX)`, `write`, unlock. They never re-check that
-//!   the path still names the file they opened.
+//!   `.kvp_pool_1`: `open(O_APPEND)`, `flock(LOCK_EX)`, `write`, unlock. Once per boot cloud-init
+//!   also truncates that file, with no lock at all.
 //! * `hv_kvp_daemon` (which hvisd replaces) locks with `fcntl(F_SETLKW)` and rewrites in place.
+//! * `hvisd kvp ...` (another process) uses this module with the same locks.
+//! * Any local user can `flock` a pool file (they are 0644) and hold the lock for ever.
 //!
 //! # How hvisd writes
-//! Every write takes **both** `flock(LOCK_EX)` and an `fcntl` write lock on the current file, so
-//! neither kind of writer can interleave with it. The new content is written to a temporary file in
-//! the same directory, `fsync`ed and `rename`d over the pool: the path always names a complete pool,
-//! whatever moment the process is killed at (a leftover temporary file is removed on the next open).
+//! A write takes **both** `flock(LOCK_EX)` and an exclusive `fcntl` record lock (open file
+//! description lock, which conflicts with `hv_kvp_daemon`'s classic one), without ever blocking:
+//! the attempts are non-blocking and retried until [`StoreOptions::lock_timeout`], after which the
+//! operation fails with [`StoreError::Locked`] naming the holder when the kernel says who it is.
+//! Under the locks the file is re-read if anything changed since it was last read (another
+//! writer, a truncation), and then only the bytes that change are written in place: a SET of an
+//! existing key rewrites that one record, a new key appends one record, a DELETE shifts the
+//! records after it (as the C daemon's `strcpy` loop does) and truncates. The file keeps its inode,
+//! so an appender that opened it earlier always appends to the live file (the old rewrite-and-
+//! rename scheme had to chase appends into replaced files).
 //!
-//! Rename has one hazard: an appender that opened the *old* file before the rename and gets its
-//! `flock` after we release ours writes into the replaced (unlinked) inode, where nobody would read
-//! it. hvisd therefore keeps the replaced file open as an *orphan* for a grace period and harvests
-//! records appended to orphans into the current pool: on every operation while the orphan is
-//! young (20 ms, the window in which such an appender writes, right after our unlock), then at
-//! intervals of a quarter of its age (at most 1 s) until the grace period ends (default 10 s, at
-//! most 256 orphans per pool; see [`StoreOptions`]), with a last look before it is closed. A
-//! short-lived writer such as `hvisd kvp set` lingers in [`PoolStore::settle`] before exiting for
-//! the same reason. Why not rewrite in place instead: the C daemon does (`fopen("w")`), and a crash
-//! between its truncate and its write leaves an empty or torn pool, which the issue rules out.
+//! # What survives what
+//! * **A killed hvisd (`kill -9`)**: a write is in the page cache as soon as `pwrite` returns, and
+//!   the request is answered only after that, so every acknowledged change survives. Overwriting
+//!   existing bytes (a SET of an existing key, a DELETE) is journaled first: the new bytes go to
+//!   `.kvp_pool_N.journal` (checksummed) before they are written in place, and the next writer that
+//!   takes the pool's lock replays an entry that a kill interrupted, so a record is never left half
+//!   old, half new. An append interrupted by a kill can leave a partial trailing record, which
+//!   every reader ignores (as the C daemon's `fread` of whole records does) and the next writer
+//!   cuts off.
+//! * **A power loss**: nothing is `fsync`ed unless [`StoreOptions::sync`] is set; writes of the
+//!   last seconds (the kernel's writeback interval, 30 s at most by default) can be lost, but the
+//!   file is never truncated: records written earlier stay. `hv_kvp_daemon` rewrites its whole
+//!   pool in place (`fopen("w")`, truncating first) on every change, so a power loss at the wrong
+//!   moment leaves it empty or torn.
+//! * **Readers** never see a torn record from hvisd: they take shared locks, which exclude our
+//!   exclusive ones.
 //!
-//! # Reading
-//! A read `stat`s the path and re-reads only if device, inode, size, mtime or ctime changed, so an
-//! unchanged pool is never re-parsed and an append by another program is seen by the next request.
+//! # Bounds
+//! At most [`StoreOptions::max_records`] records per pool are created by hvisd (a SET of a new
+//! key past it fails with [`StoreError::PoolFull`]); files larger than [`MAX_POOL_FILE`] are
+//! refused. One descriptor per pool and one per journal are held open.
 
-use rustix::fs::{FlockOperation, Mode, OFlags};
-use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hvisd_protocol::kvp::{MAX_KEY_SIZE, MAX_VALUE_SIZE, Pool};
 use hvisd_protocol::kvp_daemon::cstr;
+use hvisd_sys::lock::LockKind;
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
 
 /// Bytes per record.
 pub const RECORD_SIZE: usize = MAX_KEY_SIZE + MAX_VALUE_SIZE;
@@ -60,7 +75,8 @@ impl std::fmt::Debug for Record {
 }
 
 impl Record {
-    /// A zero-padded record. Keys are cut to 511 bytes, values to 2047 (room for the NUL).
+    /// A zero-padded record. Keys are cut to 511 bytes, values to 2047 (room for the NUL); callers
+    /// that must not cut check against `MAX_KEY_LEN`/`MAX_VALUE_LEN` first.
     pub fn new(key: &[u8], value: &[u8]) -> Record {
         let mut r = Record(Box::new([0u8; RECORD_SIZE]));
         let k = key.len().min(MAX_KEY_SIZE - 1);
@@ -120,6 +136,10 @@ impl Record {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0[..]
     }
+
+    fn is_all_zero(&self) -> bool {
+        self.0.iter().all(|&b| b == 0)
+    }
 }
 
 /// Why a pool operation failed. Each message names the file.
@@ -130,7 +150,7 @@ pub enum StoreError {
     Io {
         /// The file.
         path: PathBuf,
-        /// What hvisd was doing, e.g. "taking the flock".
+        /// What hvisd was doing, e.g. "reading".
         what: &'static str,
         /// The OS error.
         #[source]
@@ -144,6 +164,35 @@ pub enum StoreError {
         /// Its size.
         size: u64,
     },
+    /// Another process held a conflicting lock for the whole lock timeout.
+    #[error("KVP pool {path}: still locked by {holder} after {waited_ms} ms; try again later")]
+    Locked {
+        /// The file.
+        path: PathBuf,
+        /// Who holds it, as far as the kernel tells (`/proc/locks`), e.g. "pid 4242 (python3), flock WRITE".
+        holder: String,
+        /// How long hvisd waited.
+        waited_ms: u64,
+    },
+    /// The pool has as many records as hvisd creates.
+    #[error("KVP pool {pool}: it holds {max} records, the most hvisd creates; delete keys first")]
+    PoolFull {
+        /// The pool.
+        pool: Pool,
+        /// The cap.
+        max: usize,
+    },
+    /// The pool directory or a pool file is not what hvisd may trust.
+    #[error("KVP pool {path}: {problem}")]
+    Untrusted {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        problem: String,
+    },
+    /// The pool store's thread has stopped (the runtime is shutting down).
+    #[error("the KVP pool store has stopped")]
+    Stopped,
 }
 
 fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -165,26 +214,40 @@ fn rio<'a>(
     }
 }
 
-/// Tuning for the orphan harvest (see the module documentation).
+/// How the pool files are written.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreOptions {
-    /// How long a replaced pool file is watched for late appends.
-    pub orphan_grace: Duration,
-    /// At most this many replaced files are kept open per pool (oldest are harvested and closed).
-    pub max_orphans: usize,
-    /// `fsync` the new file before the rename (durability across power loss; the rename alone is
-    /// enough for a killed process).
-    pub fsync: bool,
+    /// How long a lock attempt may wait for other processes' locks before the operation fails.
+    pub lock_timeout: Duration,
+    /// Most records hvisd lets a pool reach by adding keys.
+    pub max_records: usize,
+    /// `fdatasync` after every write (survives power loss; costs a disk flush per SET).
+    pub sync: bool,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            orphan_grace: Duration::from_secs(10),
-            max_orphans: 256,
-            fsync: true,
+            lock_timeout: Duration::from_millis(1000),
+            max_records: 1024,
+            sync: false,
         }
     }
+}
+
+/// What a change to a pool's records did, so that only those bytes are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Nothing to write.
+    None,
+    /// Record `i` changed in place.
+    Modified(usize),
+    /// One record was pushed at the end.
+    Appended,
+    /// Records from `i` on changed and there is one record fewer (a DELETE's shift).
+    Removed(usize),
+    /// Anything else: the whole file is rewritten in place.
+    Rewritten,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,33 +271,22 @@ impl FileId {
     }
 }
 
-struct Orphan {
-    file: File,
-    known_len: u64,
-    replaced_at: Instant,
-    next_check: Instant,
-}
-
-/// Orphans younger than this are checked on every operation: the window in which an appender
-/// that opened the old file writes is right after our unlock.
-const ORPHAN_HOT: Duration = Duration::from_millis(20);
-/// Later checks back off to a quarter of the orphan's age, at most this far apart, so a burst of
-/// rewrites does not make every later read pay one `fstat` per replaced file.
-const ORPHAN_MAX_INTERVAL: Duration = Duration::from_secs(1);
-
-struct PoolState {
+struct PoolFile {
+    name: String,
     path: PathBuf,
+    file: Option<File>,
+    journal: Option<File>,
     cached: Option<(FileId, Vec<Record>)>,
-    orphans: VecDeque<Orphan>,
     reads: u64,
 }
 
-/// The five pool files of one directory.
+/// The five pool files of one directory, owned by one thread (the runtime's pool-store thread,
+/// see [`crate::store`], or the `hvisd kvp` command).
 pub struct PoolStore {
     dir: PathBuf,
-    pools: Vec<PoolState>,
+    dir_fd: OwnedFd,
+    pools: Vec<PoolFile>,
     options: StoreOptions,
-    tmp_counter: u64,
 }
 
 impl std::fmt::Debug for PoolStore {
@@ -243,39 +295,270 @@ impl std::fmt::Debug for PoolStore {
     }
 }
 
-const TMP_MARK: &str = ".hvisd-tmp.";
+/// Held locks on one pool file; dropping releases them.
+struct Held<'a>(&'a File);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let _ = hvisd_sys::lock::unlock(self.0);
+        let _ = rustix::fs::flock(self.0, FlockOperation::Unlock);
+    }
+}
+
+/// Takes `flock` and an OFD record lock of `kind` on `file`, never blocking: non-blocking attempts
+/// are retried with a growing pause until `timeout`.
+fn lock<'f>(
+    file: &'f File,
+    kind: LockKind,
+    timeout: Duration,
+    path: &Path,
+) -> Result<Held<'f>, StoreError> {
+    let start = Instant::now();
+    let flock_op = match kind {
+        LockKind::Shared => FlockOperation::NonBlockingLockShared,
+        LockKind::Exclusive => FlockOperation::NonBlockingLockExclusive,
+    };
+    let mut pause = Duration::from_micros(500);
+    loop {
+        // flock first, then the record lock: every hvisd process takes them in this order, and
+        // cloud-init (flock only) and hv_kvp_daemon (fcntl only) each take one, so no cycle forms.
+        match rustix::fs::flock(file, flock_op) {
+            Ok(()) => match hvisd_sys::lock::try_lock(file, kind) {
+                Ok(true) => return Ok(Held(file)),
+                Ok(false) => {
+                    let _ = rustix::fs::flock(file, FlockOperation::Unlock);
+                }
+                Err(e) => {
+                    let _ = rustix::fs::flock(file, FlockOperation::Unlock);
+                    return Err(rio(path, "taking the fcntl lock")(e));
+                }
+            },
+            Err(rustix::io::Errno::WOULDBLOCK) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(rio(path, "taking the flock")(e)),
+        }
+        let waited = start.elapsed();
+        if waited >= timeout {
+            return Err(StoreError::Locked {
+                path: path.to_path_buf(),
+                holder: lock_holders(file),
+                waited_ms: waited.as_millis() as u64,
+            });
+        }
+        std::thread::sleep(pause.min(timeout - waited));
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Who holds locks on `file`, from `/proc/locks` (for the error message only).
+fn lock_holders(file: &File) -> String {
+    let Ok(meta) = file.metadata() else {
+        return "another process".into();
+    };
+    let (major, minor) = (rustix::fs::major(meta.dev()), rustix::fs::minor(meta.dev()));
+    let wanted = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let Ok(text) = std::fs::read_to_string("/proc/locks") else {
+        return "another process".into();
+    };
+    let mut holders = Vec::new();
+    for line in text.lines() {
+        // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; OFD locks show pid -1.
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some(i) = fields.iter().position(|f| *f == wanted) else {
+            continue;
+        };
+        if i < 2 || fields.get(1) == Some(&"->") {
+            continue;
+        }
+        let (class, mode, pid) = (fields[1], fields[i - 2], fields[i - 1]);
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let comm: String = comm
+            .trim()
+            .chars()
+            .take(16)
+            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+            .collect();
+        holders.push(if comm.is_empty() {
+            format!("pid {pid}, {class} {mode}")
+        } else {
+            format!("pid {pid} ({comm}), {class} {mode}")
+        });
+        if holders.len() == 4 {
+            break;
+        }
+    }
+    if holders.is_empty() {
+        "another process".into()
+    } else {
+        holders.join("; ")
+    }
+}
+
+/// Journal entry header: magic, dev, ino, size before, offset, truncate-to, payload length,
+/// checksum (FNV-1a over the other fields and the payload), each a little-endian u64.
+const JOURNAL_MAGIC: u64 = u64::from_le_bytes(*b"HVKVPJ01");
+const JOURNAL_HEADER: usize = 64;
+const NO_TRUNCATE: u64 = u64::MAX;
+
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in *part {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+struct JournalEntry {
+    dev: u64,
+    ino: u64,
+    size_before: u64,
+    offset: u64,
+    truncate_to: u64,
+    payload: Vec<u8>,
+}
+
+impl JournalEntry {
+    fn header_fields(&self) -> [u64; 6] {
+        [
+            self.dev,
+            self.ino,
+            self.size_before,
+            self.offset,
+            self.truncate_to,
+            self.payload.len() as u64,
+        ]
+    }
+
+    fn checksum(&self) -> u64 {
+        let mut fields = [0u8; 48];
+        for (i, v) in self.header_fields().iter().enumerate() {
+            fields[8 * i..8 * i + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        fnv1a(&[&fields, &self.payload])
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(JOURNAL_HEADER + self.payload.len());
+        b.extend_from_slice(&JOURNAL_MAGIC.to_le_bytes());
+        for v in self.header_fields() {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&self.checksum().to_le_bytes());
+        b.extend_from_slice(&self.payload);
+        b
+    }
+
+    /// Reads a pending entry; `None` if there is none or it is incomplete (a write interrupted
+    /// before the in-place write began: nothing to replay).
+    fn read(journal: &File) -> Option<JournalEntry> {
+        let mut h = [0u8; JOURNAL_HEADER];
+        journal.read_exact_at(&mut h, 0).ok()?;
+        let word = |i: usize| u64::from_le_bytes(h[8 * i..8 * i + 8].try_into().unwrap_or([0; 8]));
+        if word(0) != JOURNAL_MAGIC {
+            return None;
+        }
+        let len = word(6);
+        if len > MAX_POOL_FILE {
+            return None;
+        }
+        let mut payload = vec![0u8; len as usize];
+        journal
+            .read_exact_at(&mut payload, JOURNAL_HEADER as u64)
+            .ok()?;
+        let entry = JournalEntry {
+            dev: word(1),
+            ino: word(2),
+            size_before: word(3),
+            offset: word(4),
+            truncate_to: word(5),
+            payload,
+        };
+        (entry.checksum() == word(7)).then_some(entry)
+    }
+}
 
 impl PoolStore {
-    /// Opens (creating as the C daemon does: directory 0755, files 0644) the pools in `dir`.
+    /// Opens (creating as the C daemon does: directory 0755, files 0644) the pools in `dir`. The
+    /// directory must belong to this user and be writable by nobody else (pool files are written
+    /// by root; a directory others can write would let them swap the files).
     pub fn open(dir: impl Into<PathBuf>, options: StoreOptions) -> Result<PoolStore, StoreError> {
         let dir = dir.into();
         if !dir.exists() {
-            std::fs::create_dir_all(&dir).map_err(io(&dir, "creating the pool directory"))?;
-            let _ = rustix::fs::chmod(&dir, Mode::from_raw_mode(0o755));
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&dir)
+                .map_err(io(&dir, "creating the pool directory"))?;
         }
-        let mut pools = Vec::with_capacity(5);
-        for pool in Pool::ALL {
-            let path = dir.join(format!(".kvp_pool_{}", pool.number()));
-            rustix::fs::open(
-                &path,
-                OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o644),
-            )
-            .map_err(rio(&path, "creating the pool file"))?;
-            pools.push(PoolState {
-                path,
-                cached: None,
-                orphans: VecDeque::new(),
-                reads: 0,
+        Self::open_existing(dir, options)
+    }
+
+    /// Opens the pools in `dir`, which must exist (the operator's tool never creates it).
+    pub fn open_existing(
+        dir: impl Into<PathBuf>,
+        options: StoreOptions,
+    ) -> Result<PoolStore, StoreError> {
+        let dir = dir.into();
+        let dir_fd = rustix::fs::open(
+            &dir,
+            OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(rio(&dir, "opening the pool directory"))?;
+        let stat = rustix::fs::fstat(&dir_fd).map_err(rio(&dir, "stat of the pool directory"))?;
+        let me = rustix::process::geteuid().as_raw();
+        if stat.st_uid != me {
+            return Err(StoreError::Untrusted {
+                path: dir,
+                problem: format!(
+                    "the directory belongs to uid {}, not to uid {me} that runs hvisd",
+                    stat.st_uid
+                ),
             });
         }
-        remove_stale_temporaries(&dir);
-        Ok(PoolStore {
+        if stat.st_mode & 0o022 != 0 {
+            return Err(StoreError::Untrusted {
+                path: dir,
+                problem: format!(
+                    "the directory is mode {:o}: others could replace the pool files; chmod 755 it",
+                    stat.st_mode & 0o7777
+                ),
+            });
+        }
+        let pools = Pool::ALL
+            .into_iter()
+            .map(|pool| {
+                let name = format!(".kvp_pool_{}", pool.number());
+                PoolFile {
+                    path: dir.join(&name),
+                    name,
+                    file: None,
+                    journal: None,
+                    cached: None,
+                    reads: 0,
+                }
+            })
+            .collect();
+        let mut store = PoolStore {
             dir,
+            dir_fd,
             pools,
             options,
-            tmp_counter: 0,
-        })
+        };
+        let mut created = false;
+        for pool in Pool::ALL {
+            created |= store.ensure_open(pool)?;
+            store.repair(pool);
+        }
+        if created {
+            // Make the new directory entries durable.
+            let _ = rustix::fs::fsync(&store.dir_fd);
+        }
+        Ok(store)
     }
 
     /// The directory.
@@ -288,258 +571,384 @@ impl PoolStore {
         &self.pools[pool as usize].path
     }
 
+    /// The options in force.
+    pub fn options(&self) -> StoreOptions {
+        self.options
+    }
+
     /// How many times `pool`'s file was actually read and parsed (for tests of change detection).
     pub fn parse_count(&self, pool: Pool) -> u64 {
         self.pools[pool as usize].reads
     }
 
-    /// The current records of `pool`: from the cache when the file is unchanged, else re-read
-    /// under shared locks.
-    pub fn records(&mut self, pool: Pool) -> Result<&[Record], StoreError> {
-        self.harvest(pool)?;
+    /// Opens the pool's file if it is not open, or reopens it if the path now names another file
+    /// (replaced or deleted by someone else). Returns whether a file was created.
+    fn ensure_open(&mut self, pool: Pool) -> Result<bool, StoreError> {
         let st = &mut self.pools[pool as usize];
-        let meta = std::fs::metadata(&st.path).map_err(io(&st.path, "stat"))?;
-        let id = FileId::of(&meta);
+        let at_path = rustix::fs::statat(&self.dir_fd, st.name.as_str(), AtFlags::SYMLINK_NOFOLLOW);
+        if let (Some(file), Ok(now)) = (&st.file, &at_path) {
+            let held = file.metadata().map_err(io(&st.path, "fstat"))?;
+            if held.dev() == now.st_dev && held.ino() == now.st_ino {
+                return Ok(false);
+            }
+        }
+        if st.file.is_some() {
+            tracing::info!(pool = %pool, "KVP: the pool file was replaced or removed by another program; following it");
+        }
+        st.file = None;
+        st.cached = None;
+        let created = matches!(at_path, Err(rustix::io::Errno::NOENT));
+        let fd = rustix::fs::openat(
+            &self.dir_fd,
+            st.name.as_str(),
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .map_err(rio(&st.path, "opening (a symlink is refused)"))?;
+        let stat = rustix::fs::fstat(&fd).map_err(rio(&st.path, "fstat"))?;
+        if !rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file() {
+            return Err(StoreError::Untrusted {
+                path: st.path.clone(),
+                problem: "is not a regular file".into(),
+            });
+        }
+        let me = rustix::process::geteuid().as_raw();
+        if stat.st_uid != me {
+            return Err(StoreError::Untrusted {
+                path: st.path.clone(),
+                problem: format!(
+                    "belongs to uid {}, not to uid {me} that runs hvisd; chown it",
+                    stat.st_uid
+                ),
+            });
+        }
+        st.file = Some(File::from(fd));
+        Ok(created)
+    }
+
+    /// Replays a write a killed process left in `pool`'s journal, if the lock can be had now.
+    fn repair(&mut self, pool: Pool) {
+        if self.journal(pool).is_err() {
+            return;
+        }
+        let st = &self.pools[pool as usize];
+        let (Some(file), Some(journal)) = (&st.file, &st.journal) else {
+            return;
+        };
+        if let Ok(_held) = lock(file, LockKind::Exclusive, Duration::ZERO, &st.path)
+            && let Err(e) = replay_journal(file, journal, &st.path)
+        {
+            tracing::warn!("KVP: {e}");
+        }
+    }
+
+    fn journal(&mut self, pool: Pool) -> Result<&File, StoreError> {
+        let st = &mut self.pools[pool as usize];
+        if st.journal.is_none() {
+            let name = format!("{}.journal", st.name);
+            let fd = rustix::fs::openat(
+                &self.dir_fd,
+                name.as_str(),
+                OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(rio(&st.path, "opening the journal"))?;
+            st.journal = Some(File::from(fd));
+        }
+        Ok(st
+            .journal
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("opened above")))
+    }
+
+    /// Runs `f` on the current records of `pool`: from memory when the file is unchanged since it
+    /// was last read, else re-read under shared locks.
+    pub fn read<R>(&mut self, pool: Pool, f: impl FnOnce(&[Record]) -> R) -> Result<R, StoreError> {
+        self.ensure_open(pool)?;
+        let timeout = self.options.lock_timeout;
+        let st = &mut self.pools[pool as usize];
+        let file = st
+            .file
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("opened above"));
+        let id = FileId::of(&file.metadata().map_err(io(&st.path, "fstat"))?);
         if !matches!(&st.cached, Some((cached, _)) if *cached == id) {
-            let (id, records) = read_locked(&st.path)?;
+            let held = lock(file, LockKind::Shared, timeout, &st.path)?;
+            let (id, records) = read_all(held.0, &st.path)?;
+            drop(held);
             st.reads += 1;
             st.cached = Some((id, records));
         }
-        Ok(st.cached.as_ref().map(|(_, r)| r.as_slice()).unwrap_or(&[]))
+        Ok(f(st
+            .cached
+            .as_ref()
+            .map(|(_, r)| r.as_slice())
+            .unwrap_or(&[])))
     }
 
-    /// Runs `f` on the records of `pool` under both exclusive locks; if `f` returns `true` for
-    /// "changed", the result is written atomically (temporary file + rename).
+    /// Runs `f` on the records of `pool` under both exclusive locks and writes what it says
+    /// changed (see [`Change`]). A new record past [`StoreOptions::max_records`] is refused.
     pub fn update<R>(
         &mut self,
         pool: Pool,
-        f: impl FnOnce(&mut Vec<Record>) -> (R, bool),
+        f: impl FnOnce(&mut Vec<Record>) -> (R, Change),
     ) -> Result<R, StoreError> {
-        self.harvest(pool)?;
-        self.update_unharvested(pool, f)
+        self.ensure_open(pool)?;
+        let result = self.update_open(pool, f);
+        if result.is_err() {
+            // Whatever was half done, the next operation starts from the file.
+            self.pools[pool as usize].cached = None;
+        }
+        result
     }
 
-    fn update_unharvested<R>(
+    fn update_open<R>(
         &mut self,
         pool: Pool,
-        f: impl FnOnce(&mut Vec<Record>) -> (R, bool),
+        f: impl FnOnce(&mut Vec<Record>) -> (R, Change),
     ) -> Result<R, StoreError> {
-        let path = self.pools[pool as usize].path.clone();
-        let file = open_locked(&path, true)?;
-        let (_, mut records) = read_all(&file, &path)?;
-        let old_len = file.metadata().map_err(io(&path, "fstat"))?.len();
-        let (result, changed) = f(&mut records);
-        if changed {
-            self.tmp_counter += 1;
-            let tmp = self.dir.join(format!(
-                ".kvp_pool_{}{TMP_MARK}{}.{}",
-                pool.number(),
-                std::process::id(),
-                self.tmp_counter
-            ));
-            let new_id = match write_replacement(&path, &tmp, &file, &records, self.options.fsync) {
-                Ok(id) => id,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&tmp);
-                    unlock(&file);
-                    return Err(e);
-                }
-            };
-            unlock(&file);
-            let st = &mut self.pools[pool as usize];
-            let now = Instant::now();
-            st.orphans.push_back(Orphan {
-                file,
-                known_len: old_len,
-                replaced_at: now,
-                next_check: now,
-            });
-            st.cached = Some((new_id, records));
-        } else {
-            unlock(&file);
-        }
-        Ok(result)
-    }
-
-    /// Collects records appended to replaced files since we last looked and appends them to the
-    /// current pool; closes orphans past the grace period or over the count limit.
-    fn harvest(&mut self, pool: Pool) -> Result<(), StoreError> {
         let options = self.options;
+        // The journal is opened before the locks so that the borrow of the pool file below is the
+        // only one held while writing.
+        self.journal(pool)?;
         let st = &mut self.pools[pool as usize];
-        if st.orphans.is_empty() {
-            return Ok(());
+        let path = st.path.clone();
+        let file = st
+            .file
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("opened by update"));
+        let journal = st
+            .journal
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("opened above"));
+        let held = lock(file, LockKind::Exclusive, options.lock_timeout, &path)?;
+        replay_journal(file, journal, &path)?;
+        let meta = file.metadata().map_err(io(&path, "fstat"))?;
+        let mut id = FileId::of(&meta);
+        if !id.size.is_multiple_of(RECORD_SIZE as u64) {
+            // A partial trailing record: an append interrupted by a kill. Readers ignore it; cut it
+            // off now so that appenders line up again.
+            let whole = id.size / RECORD_SIZE as u64 * RECORD_SIZE as u64;
+            tracing::warn!(pool = %pool, bytes = id.size - whole, "KVP: removing a partial record at the end of the pool file");
+            file.set_len(whole)
+                .map_err(io(&path, "cutting a partial record"))?;
+            id = FileId::of(&file.metadata().map_err(io(&path, "fstat"))?);
+            st.cached = None;
         }
-        let now = Instant::now();
-        let keep_from = st.orphans.len().saturating_sub(options.max_orphans);
-        let mut found = Vec::new();
-        for (i, orphan) in st.orphans.iter_mut().enumerate() {
-            let age = now.duration_since(orphan.replaced_at);
-            let last_look = i < keep_from || age >= options.orphan_grace;
-            if !(last_look || age < ORPHAN_HOT || now >= orphan.next_check) {
-                continue;
+        let mut records = match st.cached.take() {
+            Some((cached, records)) if cached == id => records,
+            _ => {
+                st.reads += 1;
+                read_all(file, &path)?.1
             }
-            orphan.next_check = now + (age / 4).min(ORPHAN_MAX_INTERVAL);
-            let size = orphan.file.metadata().map(|m| m.len()).unwrap_or(0);
-            if size <= orphan.known_len {
-                continue;
-            }
-            orphan.next_check = now;
-            lock(&orphan.file, true, &st.path)?;
-            let bytes = read_range(&orphan.file, orphan.known_len, &st.path);
-            unlock(&orphan.file);
-            let bytes = bytes?;
-            let whole = bytes.len() / RECORD_SIZE * RECORD_SIZE;
-            if whole < bytes.len() {
-                tracing::warn!(
-                    pool = %pool,
-                    bytes = bytes.len() - whole,
-                    "KVP: a late append to a replaced pool file ends in a partial record; it is left for the next look"
-                );
-            }
-            found.extend(
-                bytes[..whole]
-                    .chunks_exact(RECORD_SIZE)
-                    .map(Record::from_bytes),
-            );
-            orphan.known_len += whole as u64;
+        };
+        let before = records.len();
+        let (result, change) = f(&mut records);
+        if change == Change::Appended && records.len() > options.max_records.max(before) {
+            return Err(StoreError::PoolFull {
+                pool,
+                max: options.max_records,
+            });
         }
-        let mut i = 0;
-        st.orphans.retain(|o| {
-            let keep = i >= keep_from && now.duration_since(o.replaced_at) < options.orphan_grace;
-            i += 1;
-            keep
-        });
-        if !found.is_empty() {
-            tracing::info!(pool = %pool, records = found.len(), "KVP: moved records appended to a replaced pool file into the current one");
-            self.update_unharvested(pool, move |records| {
-                records.extend(found);
-                ((), true)
-            })?;
-        }
-        Ok(())
-    }
-
-    /// Waits for appenders that may still hold a file this process replaced, harvesting their
-    /// records: call before a short-lived process exits. Returns when no orphan is left or after
-    /// `max_wait`.
-    pub fn settle(&mut self, max_wait: Duration) -> Result<(), StoreError> {
-        let start = Instant::now();
-        loop {
-            for pool in Pool::ALL {
-                self.harvest(pool)?;
+        let rs = RECORD_SIZE as u64;
+        let size_before = id.size;
+        match change {
+            Change::None => {}
+            Change::Modified(i) => {
+                let r = records.get(i).map(Record::as_bytes).unwrap_or(&[]);
+                journaled_write(
+                    file,
+                    journal,
+                    &path,
+                    size_before,
+                    i as u64 * rs,
+                    r,
+                    NO_TRUNCATE,
+                )?;
             }
-            if self.pools.iter().all(|p| p.orphans.is_empty()) || start.elapsed() >= max_wait {
-                return Ok(());
+            Change::Appended => {
+                let i = records.len().saturating_sub(1);
+                if let Some(r) = records.get(i) {
+                    file.write_all_at(r.as_bytes(), i as u64 * rs)
+                        .map_err(io(&path, "appending a record"))?;
+                }
             }
-            std::thread::sleep(Duration::from_millis(20));
+            Change::Removed(i) => {
+                let tail: Vec<u8> = records
+                    .get(i..)
+                    .unwrap_or(&[])
+                    .iter()
+                    .flat_map(|r| r.as_bytes().iter().copied())
+                    .collect();
+                let new_len = records.len() as u64 * rs;
+                journaled_write(
+                    file,
+                    journal,
+                    &path,
+                    size_before,
+                    i as u64 * rs,
+                    &tail,
+                    new_len,
+                )?;
+            }
+            Change::Rewritten => {
+                let all: Vec<u8> = records
+                    .iter()
+                    .flat_map(|r| r.as_bytes().iter().copied())
+                    .collect();
+                let new_len = all.len() as u64;
+                journaled_write(file, journal, &path, size_before, 0, &all, new_len)?;
+            }
         }
+        if change != Change::None {
+            if options.sync {
+                file.sync_data().map_err(io(&path, "fdatasync"))?;
+            }
+            let after = FileId::of(&file.metadata().map_err(io(&path, "fstat"))?);
+            if after.size != records.len() as u64 * rs {
+                // Someone changed the size without a lock (cloud-init's boot-time truncation) while
+                // we wrote: our write may sit past a hole. Keep what is real and drop the hole.
+                tracing::warn!(pool = %pool, size = after.size, "KVP: the pool file changed size under our lock (an unlocked truncation); re-reading it");
+                let (_, mut now) = read_all(file, &path)?;
+                let had = now.len();
+                now.retain(|r| !r.is_all_zero());
+                if now.len() != had {
+                    let all: Vec<u8> = now
+                        .iter()
+                        .flat_map(|r| r.as_bytes().iter().copied())
+                        .collect();
+                    journaled_write(file, journal, &path, after.size, 0, &all, all.len() as u64)?;
+                }
+                st.cached = None;
+                drop(held);
+                return Ok(result);
+            }
+            id = after;
+        }
+        st.cached = Some((id, records));
+        drop(held);
+        Ok(result)
     }
 
     /// The value of the first record whose key is `key` (text API for the CLI and plugins).
     pub fn get(&mut self, pool: Pool, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .records(pool)?
-            .iter()
-            .find(|r| r.key() == key.as_bytes())
-            .map(|r| r.value_lossy()))
+        self.read(pool, |records| {
+            records
+                .iter()
+                .find(|r| r.key() == key.as_bytes())
+                .map(|r| r.value_lossy())
+        })
     }
 
     /// All `(key, value)` pairs in file order.
     pub fn list(&mut self, pool: Pool) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(self
-            .records(pool)?
-            .iter()
-            .map(|r| (r.key_lossy(), r.value_lossy()))
-            .collect())
-    }
-
-    /// Sets `key` to `value` the way the daemon does for a host SET (first matching record
-    /// updated, else appended), with the whole fields written so no stale bytes remain.
-    pub fn set(&mut self, pool: Pool, key: &str, value: &str) -> Result<(), StoreError> {
-        let new = Record::new(key.as_bytes(), value.as_bytes());
-        self.update(pool, |records| {
-            match records.iter_mut().find(|r| r.key() == new.key()) {
-                Some(r) => *r = new,
-                None => records.push(new),
-            }
-            ((), true)
+        self.read(pool, |records| {
+            records
+                .iter()
+                .map(|r| (r.key_lossy(), r.value_lossy()))
+                .collect()
         })
     }
 
-    /// Removes the first record whose key is `key`; `false` if there was none.
+    /// Sets `key` to `value` (first matching record replaced whole, else appended), so no stale
+    /// bytes of a longer old value remain.
+    pub fn set(&mut self, pool: Pool, key: &str, value: &str) -> Result<(), StoreError> {
+        let new = Record::new(key.as_bytes(), value.as_bytes());
+        self.update(pool, |records| {
+            match records.iter().position(|r| r.key() == new.key()) {
+                Some(i) => {
+                    records[i] = new;
+                    ((), Change::Modified(i))
+                }
+                None => {
+                    records.push(new);
+                    ((), Change::Appended)
+                }
+            }
+        })
+    }
+
+    /// Removes the first record whose key is `key`, keeping the order of the others; `false` if
+    /// there was none.
     pub fn delete(&mut self, pool: Pool, key: &str) -> Result<bool, StoreError> {
         self.update(pool, |records| {
             match records.iter().position(|r| r.key() == key.as_bytes()) {
                 Some(i) => {
                     records.remove(i);
-                    (true, true)
+                    (true, Change::Removed(i))
                 }
-                None => (false, false),
+                None => (false, Change::None),
             }
         })
     }
 }
 
-impl Drop for PoolStore {
-    fn drop(&mut self) {
-        for pool in Pool::ALL {
-            if let Err(e) = self.harvest(pool) {
-                tracing::warn!(error = %e, "KVP: last harvest of replaced pool files failed");
-            }
-        }
-    }
+/// Writes `bytes` at `offset` (then truncates to `truncate_to` unless it is [`NO_TRUNCATE`]),
+/// journaling the new bytes first so a kill in the middle is repaired by the next writer.
+fn journaled_write(
+    file: &File,
+    journal: &File,
+    path: &Path,
+    size_before: u64,
+    offset: u64,
+    bytes: &[u8],
+    truncate_to: u64,
+) -> Result<(), StoreError> {
+    let meta = file.metadata().map_err(io(path, "fstat"))?;
+    let entry = JournalEntry {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size_before,
+        offset,
+        truncate_to,
+        payload: bytes.to_vec(),
+    };
+    journal
+        .write_all_at(&entry.to_bytes(), 0)
+        .map_err(io(path, "writing the journal"))?;
+    apply_entry(file, &entry, path)?;
+    clear_journal(journal, path)
 }
 
-fn lock(file: &File, exclusive: bool, path: &Path) -> Result<(), StoreError> {
-    let (fl, fc) = if exclusive {
-        (FlockOperation::LockExclusive, FlockOperation::LockExclusive)
-    } else {
-        (FlockOperation::LockShared, FlockOperation::LockShared)
-    };
-    // Always flock first, then fcntl: two hvisd processes take them in the same order, and
-    // cloud-init (flock only) and hv_kvp_daemon (fcntl only) each take one, so no cycle can form.
-    rustix::fs::flock(file, fl).map_err(rio(path, "taking the flock"))?;
-    if let Err(e) = rustix::fs::fcntl_lock(file, fc) {
-        let _ = rustix::fs::flock(file, FlockOperation::Unlock);
-        return Err(rio(path, "taking the fcntl lock")(e));
+fn apply_entry(file: &File, entry: &JournalEntry, path: &Path) -> Result<(), StoreError> {
+    file.write_all_at(&entry.payload, entry.offset)
+        .map_err(io(path, "writing records"))?;
+    if entry.truncate_to != NO_TRUNCATE {
+        file.set_len(entry.truncate_to)
+            .map_err(io(path, "truncating after a delete"))?;
     }
     Ok(())
 }
 
-fn unlock(file: &File) {
-    let _ = rustix::fs::fcntl_lock(file, FlockOperation::Unlock);
-    let _ = rustix::fs::flock(file, FlockOperation::Unlock);
+fn clear_journal(journal: &File, path: &Path) -> Result<(), StoreError> {
+    journal
+        .write_all_at(&[0u8; 8], 0)
+        .map_err(io(path, "clearing the journal"))
 }
 
-/// Opens the path and locks it; retries if the path was replaced while we waited for the lock
-/// (we would otherwise hold a lock on a file nobody reads).
-fn open_locked(path: &Path, exclusive: bool) -> Result<File, StoreError> {
-    for _ in 0..1000 {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(exclusive)
-            .create(exclusive)
-            .open(path)
-            .map_err(io(path, "opening"))?;
-        lock(&file, exclusive, path)?;
-        let held = file.metadata().map_err(io(path, "fstat"))?;
-        match std::fs::metadata(path) {
-            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => return Ok(file),
-            _ => unlock(&file),
-        }
+/// Replays an entry a killed writer left (we hold the exclusive lock). The entry is applied only
+/// to the same file and only if nobody changed the file's size since, so it can never write
+/// stale records over someone else's.
+fn replay_journal(file: &File, journal: &File, path: &Path) -> Result<(), StoreError> {
+    let Some(entry) = JournalEntry::read(journal) else {
+        return Ok(());
+    };
+    let meta = file.metadata().map_err(io(path, "fstat"))?;
+    let same_file = meta.dev() == entry.dev && meta.ino() == entry.ino;
+    let end = entry.offset.saturating_add(entry.payload.len() as u64);
+    let applicable = if entry.truncate_to == NO_TRUNCATE {
+        // An overwrite in place: positions before the end never move, appends after are fine.
+        meta.size() >= end && entry.size_before >= end
+    } else {
+        meta.size() == entry.size_before || meta.size() == entry.truncate_to
+    };
+    if same_file && applicable {
+        tracing::warn!(path = %path.display(), "KVP: repairing a pool write interrupted by a killed process");
+        apply_entry(file, &entry, path)?;
+    } else {
+        tracing::warn!(path = %path.display(), "KVP: discarding an interrupted write: the pool file changed since");
     }
-    Err(StoreError::Io {
-        path: path.to_path_buf(),
-        what: "locking (the file kept being replaced)",
-        source: std::io::Error::other("gave up after 1000 attempts"),
-    })
-}
-
-fn read_locked(path: &Path) -> Result<(FileId, Vec<Record>), StoreError> {
-    let file = open_locked(path, false)?;
-    let r = read_all(&file, path);
-    unlock(&file);
-    r
+    clear_journal(journal, path)
 }
 
 fn read_all(file: &File, path: &Path) -> Result<(FileId, Vec<Record>), StoreError> {
@@ -550,7 +959,17 @@ fn read_all(file: &File, path: &Path) -> Result<(FileId, Vec<Record>), StoreErro
             size: meta.len(),
         });
     }
-    let bytes = read_range(file, 0, path)?;
+    let mut bytes = vec![0u8; meta.len() as usize];
+    let mut got = 0;
+    while got < bytes.len() {
+        match file.read_at(&mut bytes[got..], got as u64) {
+            Ok(0) => break, // shrank under us (an unlocked truncation): keep what was there
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io(path, "reading")(e)),
+        }
+    }
+    bytes.truncate(got);
     // Like fread of whole records in the C daemon: a partial trailing record is ignored.
     let records = bytes
         .chunks_exact(RECORD_SIZE)
@@ -559,81 +978,30 @@ fn read_all(file: &File, path: &Path) -> Result<(FileId, Vec<Record>), StoreErro
     Ok((FileId::of(&meta), records))
 }
 
-fn read_range(file: &File, from: u64, path: &Path) -> Result<Vec<u8>, StoreError> {
-    let mut f = file;
-    let mut buf = Vec::new();
-    use std::io::Seek;
-    f.seek(std::io::SeekFrom::Start(from))
-        .map_err(io(path, "seeking"))?;
-    f.take(MAX_POOL_FILE)
-        .read_to_end(&mut buf)
-        .map_err(io(path, "reading"))?;
-    Ok(buf)
-}
-
-fn write_replacement(
-    path: &Path,
-    tmp: &Path,
-    old: &File,
-    records: &[Record],
-    fsync: bool,
-) -> Result<FileId, StoreError> {
-    let mode = old.metadata().map(|m| m.mode() & 0o7777).unwrap_or(0o644);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(tmp)
-        .map_err(io(tmp, "creating the temporary pool file"))?;
-    let _ = rustix::fs::fchmod(&f, Mode::from_raw_mode(mode));
-    let mut bytes = Vec::with_capacity(records.len() * RECORD_SIZE);
-    for r in records {
-        bytes.extend_from_slice(r.as_bytes());
-    }
-    f.write_all(&bytes)
-        .map_err(io(tmp, "writing the temporary pool file"))?;
-    if fsync {
-        f.sync_all()
-            .map_err(io(tmp, "fsync of the temporary pool file"))?;
-    }
-    std::fs::rename(tmp, path).map_err(io(path, "renaming the new pool file into place"))?;
-    // The rename changes the new file's ctime; identify it afterwards.
-    let meta = f.metadata().map_err(io(path, "fstat"))?;
-    Ok(FileId::of(&meta))
-}
-
-/// Removes `.kvp_pool_N.hvisd-tmp.<pid>.<n>` files whose writer process is gone (killed mid-write).
-fn remove_stale_temporaries(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some((_, rest)) = name.split_once(TMP_MARK) else {
-            continue;
-        };
-        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_file(entry.path());
-        }
+impl AsFd for PoolStore {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.dir_fd.as_fd()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn store(dir: &Path) -> PoolStore {
         PoolStore::open(
             dir,
             StoreOptions {
-                fsync: false,
+                lock_timeout: Duration::from_millis(200),
                 ..Default::default()
             },
         )
         .unwrap()
+    }
+
+    fn ino(path: &Path) -> u64 {
+        std::fs::metadata(path).unwrap().ino()
     }
 
     #[test]
@@ -648,9 +1016,10 @@ mod tests {
     }
 
     #[test]
-    fn set_get_delete_round_trip_with_2560_byte_records() {
+    fn set_get_delete_round_trip_in_place_with_2560_byte_records() {
         let d = tempfile::tempdir().unwrap();
         let mut s = store(d.path());
+        let inode = ino(s.path(Pool::Guest));
         s.set(Pool::Guest, "a", "1").unwrap();
         s.set(Pool::Guest, "b", "2").unwrap();
         s.set(Pool::Guest, "a", "3").unwrap();
@@ -665,6 +1034,12 @@ mod tests {
         assert!(s.delete(Pool::Guest, "a").unwrap());
         assert!(!s.delete(Pool::Guest, "a").unwrap());
         assert_eq!(s.get(Pool::Guest, "b").unwrap().as_deref(), Some("2"));
+        assert_eq!(std::fs::metadata(s.path(Pool::Guest)).unwrap().len(), 2560);
+        assert_eq!(
+            ino(s.path(Pool::Guest)),
+            inode,
+            "the file is never replaced"
+        );
     }
 
     #[test]
@@ -672,61 +1047,156 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut s = store(d.path());
         s.set(Pool::Guest, "a", "1").unwrap();
-        s.records(Pool::Guest).unwrap();
-        s.records(Pool::Guest).unwrap();
+        s.list(Pool::Guest).unwrap();
         let before = s.parse_count(Pool::Guest);
-        s.records(Pool::Guest).unwrap();
+        s.list(Pool::Guest).unwrap();
         assert_eq!(s.parse_count(Pool::Guest), before);
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(s.path(Pool::Guest))
             .unwrap();
         f.write_all(Record::new(b"x", b"y").as_bytes()).unwrap();
-        assert_eq!(s.records(Pool::Guest).unwrap().len(), 2);
+        assert_eq!(s.list(Pool::Guest).unwrap().len(), 2);
         assert_eq!(s.parse_count(Pool::Guest), before + 1);
     }
 
     #[test]
-    fn an_append_to_a_replaced_file_is_harvested() {
+    fn an_unlocked_truncation_is_followed_and_stale_records_never_come_back() {
         let d = tempfile::tempdir().unwrap();
         let mut s = store(d.path());
-        s.set(Pool::Guest, "a", "1").unwrap();
-        // An appender that opened the file before our next rewrite...
-        let mut late = std::fs::OpenOptions::new()
+        for k in ["a", "b", "c"] {
+            s.set(Pool::Guest, k, "old").unwrap();
+        }
+        // cloud-init at boot: truncate without a lock, then append its own record.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(s.path(Pool::Guest))
+            .unwrap();
+        let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(s.path(Pool::Guest))
             .unwrap();
-        s.set(Pool::Guest, "b", "2").unwrap();
-        // ...writes into the replaced inode.
-        rustix::fs::flock(&late, FlockOperation::LockExclusive).unwrap();
-        late.write_all(Record::new(b"late", b"v").as_bytes())
-            .unwrap();
-        rustix::fs::flock(&late, FlockOperation::Unlock).unwrap();
-        let keys: Vec<String> = s
-            .records(Pool::Guest)
-            .unwrap()
-            .iter()
-            .map(|r| r.key_lossy())
-            .collect();
-        assert_eq!(keys, ["a", "b", "late"]);
+        f.write_all(Record::new(b"boot", b"1").as_bytes()).unwrap();
+        s.set(Pool::Guest, "b", "new").unwrap();
+        assert_eq!(
+            s.list(Pool::Guest).unwrap(),
+            vec![("boot".into(), "1".into()), ("b".into(), "new".into())]
+        );
     }
 
     #[test]
-    fn partial_trailing_record_is_ignored_like_fread() {
+    fn a_partial_trailing_record_is_ignored_then_cut_by_the_next_writer() {
         let d = tempfile::tempdir().unwrap();
         let mut s = store(d.path());
         let mut bytes = Record::new(b"k", b"v").as_bytes().to_vec();
         bytes.extend_from_slice(&[1, 2, 3]);
         std::fs::write(s.path(Pool::External), bytes).unwrap();
-        assert_eq!(s.records(Pool::External).unwrap().len(), 1);
+        assert_eq!(s.list(Pool::External).unwrap().len(), 1);
+        s.set(Pool::External, "k2", "v2").unwrap();
+        assert_eq!(
+            std::fs::metadata(s.path(Pool::External)).unwrap().len(),
+            2 * 2560
+        );
+        assert_eq!(s.list(Pool::External).unwrap().len(), 2);
     }
 
     #[test]
-    fn stale_temporary_of_a_dead_process_is_removed() {
+    fn a_lock_held_by_another_process_times_out_with_its_holder_named() {
         let d = tempfile::tempdir().unwrap();
-        let stale = d.path().join(".kvp_pool_1.hvisd-tmp.999999999.1");
-        std::fs::write(&stale, b"junk").unwrap();
-        let _s = store(d.path());
-        assert!(!stale.exists());
+        let mut s = store(d.path());
+        let other = File::open(s.path(Pool::Guest)).unwrap();
+        rustix::fs::flock(&other, FlockOperation::LockExclusive).unwrap();
+        let start = Instant::now();
+        let err = s.set(Pool::Guest, "k", "v").unwrap_err();
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("FLOCK"), "{err}");
+        rustix::fs::flock(&other, FlockOperation::Unlock).unwrap();
+        s.set(Pool::Guest, "k", "v").unwrap();
+        assert_eq!(s.get(Pool::Guest, "k").unwrap().as_deref(), Some("v"));
+    }
+
+    #[test]
+    fn new_keys_past_the_cap_are_refused_and_existing_ones_still_change() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = PoolStore::open(
+            d.path(),
+            StoreOptions {
+                max_records: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for k in ["a", "b", "c"] {
+            s.set(Pool::Guest, k, "1").unwrap();
+        }
+        let err = s.set(Pool::Guest, "d", "1").unwrap_err();
+        assert!(matches!(err, StoreError::PoolFull { max: 3, .. }), "{err}");
+        s.set(Pool::Guest, "a", "2").unwrap();
+        assert_eq!(s.list(Pool::Guest).unwrap().len(), 3);
+        assert_eq!(
+            std::fs::metadata(s.path(Pool::Guest)).unwrap().len(),
+            3 * 2560
+        );
+    }
+
+    #[test]
+    fn an_interrupted_overwrite_is_replayed_by_the_next_writer() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = store(d.path());
+        s.set(Pool::Guest, "a", "old").unwrap();
+        s.set(Pool::Guest, "b", "keep").unwrap();
+        // What a kill between the journal write and the in-place write leaves behind.
+        let path = s.path(Pool::Guest).to_path_buf();
+        let meta = std::fs::metadata(&path).unwrap();
+        let entry = JournalEntry {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size_before: meta.len(),
+            offset: 0,
+            truncate_to: NO_TRUNCATE,
+            payload: Record::new(b"a", b"new").as_bytes().to_vec(),
+        };
+        let journal = d.path().join(".kvp_pool_1.journal");
+        std::fs::write(&journal, entry.to_bytes()).unwrap();
+        // Tear the record: half new bytes.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&Record::new(b"a", b"new").as_bytes()[..1000], 0)
+            .unwrap();
+        let mut fresh = store(d.path());
+        fresh.set(Pool::Guest, "c", "1").unwrap();
+        assert_eq!(
+            fresh.list(Pool::Guest).unwrap(),
+            vec![
+                ("a".into(), "new".into()),
+                ("b".into(), "keep".into()),
+                ("c".into(), "1".into())
+            ]
+        );
+        // A journal whose checksum fails is ignored.
+        let mut bad = entry.to_bytes();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        std::fs::write(&journal, bad).unwrap();
+        fresh.set(Pool::Guest, "a", "newer").unwrap();
+        assert_eq!(
+            fresh.get(Pool::Guest, "a").unwrap().as_deref(),
+            Some("newer")
+        );
+    }
+
+    #[test]
+    fn a_symlinked_pool_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let pools = d.path().join("pools");
+        std::fs::create_dir(&pools).unwrap();
+        std::os::unix::fs::symlink(&victim, pools.join(".kvp_pool_0")).unwrap();
+        let err = PoolStore::open(&pools, StoreOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     }
 }

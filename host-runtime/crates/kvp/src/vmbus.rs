@@ -34,21 +34,19 @@ const KVP_EXCHANGE: u16 = 2;
 /// The KVP integration service over VMBus.
 #[derive(Clone, Debug)]
 pub struct KvpService {
-    core: Arc<tokio::sync::Mutex<KvpCore>>,
+    core: Arc<KvpCore>,
 }
 
 impl KvpService {
     /// Wraps the shared core; sets `IntegrationServicesVersion` to `"3.1"`, the string Linux's
     /// kernel driver registers with the daemon.
-    pub async fn new(core: Arc<tokio::sync::Mutex<KvpCore>>) -> KvpService {
-        core.lock()
-            .await
-            .set_integration_services_version(kvp::HV_DRV_VERSION.as_bytes());
+    pub async fn new(core: Arc<KvpCore>) -> KvpService {
+        core.set_integration_services_version(kvp::HV_DRV_VERSION.as_bytes());
         KvpService { core }
     }
 
     /// The shared core.
-    pub fn core(&self) -> &Arc<tokio::sync::Mutex<KvpCore>> {
+    pub fn core(&self) -> &Arc<KvpCore> {
         &self.core
     }
 
@@ -57,12 +55,12 @@ impl KvpService {
         let request = match KvpRequest::parse(body) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, "KVP request refused");
+                hvisd_protocol::throttled!(warn, error = %e, "KVP request refused");
                 return e.status();
             }
         };
         let mut msg = to_daemon_message(&request);
-        let outcome = self.core.lock().await.execute(&mut msg).await;
+        let outcome = self.core.execute(&mut msg).await;
         if outcome.status != 0 {
             return outcome.status;
         }
@@ -107,7 +105,7 @@ impl KvpService {
             Ok(()) => 0,
             Err(e) => {
                 let e: kvp::InvalidUtf8 = e;
-                tracing::warn!(error = %e, op = %outcome.operation, "KVP reply is not valid UTF-8; answering HV_E_FAIL as Linux does");
+                hvisd_protocol::throttled!(warn, error = %e, op = %outcome.operation, "KVP reply is not valid UTF-8; answering HV_E_FAIL as Linux does");
                 HV_E_FAIL
             }
         }

@@ -280,17 +280,14 @@ async fn replies_match_hv_kvp_daemon_byte_for_byte() {
     // hvisd, with the same default fact sources (real os-release, sysfs, scripts path).
     let config = KvpConfig {
         pool_dir: work.path().join("hvisd-pools"),
-        store: StoreOptions {
-            fsync: false,
-            ..Default::default()
-        },
+        store: StoreOptions::default(),
         os: OsInfoSources::default(),
         net: NetConfig {
             config_dir: work.path().join("hvisd-pools"),
             ..NetConfig::default()
         },
     };
-    let core = Arc::new(tokio::sync::Mutex::new(KvpCore::new(config).unwrap()));
+    let core = Arc::new(KvpCore::new(config).unwrap());
     let h = common::FakeKernel::start(core);
 
     let mut mismatches = Vec::new();

@@ -31,7 +31,7 @@ proptest! {
         let d = tempfile::tempdir().unwrap();
         let rt = runtime();
         rt.block_on(async {
-            let mut core = common::core_in(d.path());
+            let core = common::core_in(d.path());
             let mut msg = dm::zeroed();
             msg[0] = op;
             msg[1] = pool;
@@ -54,7 +54,7 @@ proptest! {
         let d = tempfile::tempdir().unwrap();
         let rt = runtime();
         rt.block_on(async {
-            let mut core = common::core_in(d.path());
+            let core = common::core_in(d.path());
             let mut model: Vec<(String, String)> = Vec::new();
             for (is_set, k, v) in ops {
                 let key = format!("key{k}");
@@ -74,7 +74,7 @@ proptest! {
                 }
             }
             let store = core.store();
-            let listed = store.lock().unwrap().list(Pool::Guest).unwrap();
+            let listed = store.list(Pool::Guest).await.unwrap();
             prop_assert_eq!(listed, model);
             Ok(())
         })?;

@@ -11,7 +11,7 @@ use hvisd_protocol::kvp::{self, write_u32};
 use hvisd_protocol::kvp_daemon::{self as dm, layout};
 
 fn kernel(dir: &std::path::Path) -> FakeKernel {
-    FakeKernel::start(Arc::new(tokio::sync::Mutex::new(core_in(dir))))
+    FakeKernel::start(Arc::new(core_in(dir)))
 }
 
 /// What the C daemon writes back for a request it answers with only a status: the request with
@@ -235,10 +235,13 @@ async fn a_socket_path_is_connected_to_instead_of_opened() {
     .unwrap();
     rustix::net::bind(&listener, &SocketAddrUnix::new(&path).unwrap()).unwrap();
     rustix::net::listen(&listener, 1).unwrap();
-    let core = Arc::new(tokio::sync::Mutex::new(core_in(d.path())));
+    let core = Arc::new(core_in(d.path()));
     let transport = tokio::spawn({
         let path = path.clone();
-        async move { hvisd_kvp::kernel::run_kernel_transport(core, &path).await }
+        async move {
+            let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+            hvisd_kvp::kernel::run_kernel_transport(core, &path, stop).await
+        }
     });
     let conn = tokio::task::spawn_blocking(move || rustix::net::accept(&listener).unwrap())
         .await

@@ -68,7 +68,7 @@ fn providers() -> Vec<Arc<dyn GuestKeyProvider>> {
     ]
 }
 
-async fn enumerate_guest(core: &mut hvisd_kvp::KvpCore) -> (Vec<(String, String)>, Duration) {
+async fn enumerate_guest(core: &hvisd_kvp::KvpCore) -> (Vec<(String, String)>, Duration) {
     let start = Instant::now();
     let mut out = Vec::new();
     for index in 0.. {
@@ -87,12 +87,15 @@ async fn enumerate_guest(core: &mut hvisd_kvp::KvpCore) -> (Vec<(String, String)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_keys_follow_the_file_records_and_bad_plugins_never_delay_the_host() {
     let d = tempfile::tempdir().unwrap();
-    let mut core = common::core_in(d.path());
+    let core = common::core_in(d.path());
     {
-        let store = core.store();
-        let mut s = store.lock().unwrap();
-        s.set(Pool::Guest, "FileKey", "from cloud-init").unwrap();
-        s.set(Pool::Guest, "Shadowed", "stale file value").unwrap();
+        let s = core.store();
+        s.set(Pool::Guest, "FileKey".into(), "from cloud-init".into())
+            .await
+            .unwrap();
+        s.set(Pool::Guest, "Shadowed".into(), "stale file value".into())
+            .await
+            .unwrap();
     }
     let deadline = Duration::from_millis(150);
     core.set_guest_keys(
@@ -105,7 +108,7 @@ async fn plugin_keys_follow_the_file_records_and_bad_plugins_never_delay_the_hos
         )
         .unwrap(),
     );
-    let (keys, took) = enumerate_guest(&mut core).await;
+    let (keys, took) = enumerate_guest(&core).await;
     // The file record owned by a plugin is hidden; the slow and the trapping keys have no value
     // yet and are skipped; the whole enumeration waited at most about one deadline.
     assert_eq!(
@@ -119,7 +122,7 @@ async fn plugin_keys_follow_the_file_records_and_bad_plugins_never_delay_the_hos
     assert!(took < deadline * 4, "enumeration took {took:?}");
     // Once the slow plugin has answered (late), its value is served from the cache.
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    let (keys, _) = enumerate_guest(&mut core).await;
+    let (keys, _) = enumerate_guest(&core).await;
     assert!(
         keys.contains(&("SlowKey".into(), "SlowKey late value".into())),
         "{keys:?}"
@@ -130,9 +133,9 @@ async fn plugin_keys_follow_the_file_records_and_bad_plugins_never_delay_the_hos
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_key_reaches_the_host_over_vmbus_get_and_enumerate() {
     let d = tempfile::tempdir().unwrap();
-    let mut core = common::core_in(d.path());
+    let core = common::core_in(d.path());
     core.set_guest_keys(GuestKeys::new(providers(), GuestKeyOptions::default()).unwrap());
-    let service = hvisd_kvp::KvpService::new(Arc::new(tokio::sync::Mutex::new(core))).await;
+    let service = hvisd_kvp::KvpService::new(Arc::new(core)).await;
     let mut body = KvpRequest::Get {
         pool: 1,
         key: "PluginA".encode_utf16().collect(),
@@ -154,7 +157,7 @@ async fn a_plugin_key_reaches_the_host_over_vmbus_get_and_enumerate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_sets_and_deletes_are_published_to_subscribers() {
     let d = tempfile::tempdir().unwrap();
-    let mut core = common::core_in(d.path());
+    let core = common::core_in(d.path());
     let mut events = core.subscribe();
     let mut msg = dm::build_set(Pool::External as u8, b"HostName", b"hyperv-host-01");
     assert_eq!(core.execute(&mut msg).await.status, 0);

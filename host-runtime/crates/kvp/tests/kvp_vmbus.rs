@@ -26,7 +26,7 @@ struct Channel {
 
 impl Channel {
     async fn open(dir: &std::path::Path) -> Channel {
-        let core = Arc::new(tokio::sync::Mutex::new(common::core_in(dir)));
+        let core = Arc::new(common::core_in(dir));
         let mut guest = IcGuest::new(KvpService::new(core).await);
         let mut host = IcHost::new(
             MessageType::KVP_EXCHANGE,

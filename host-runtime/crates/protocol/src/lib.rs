@@ -6,3 +6,4 @@ pub mod hvsock;
 pub mod ic;
 pub mod kvp;
 pub mod kvp_daemon;
+pub mod text;

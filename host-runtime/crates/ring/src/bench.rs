@@ -323,8 +323,7 @@ pub fn run_ring_bench(opts: &RingBenchOptions) -> Result<RingBenchReport, RingEr
                     / baseline.cross_thread_gb_per_sec.max(f64::MIN_POSITIVE);
                 cases.push(case);
             }
-            if placement == Placement::SameCpu || !opts.placements.contains(&Placement::SameCpu)
-            {
+            if placement == Placement::SameCpu || !opts.placements.contains(&Placement::SameCpu) {
                 let mut one = best_of(
                     repeats,
                     |c: &SingleThreadCase| c.packets_per_sec,

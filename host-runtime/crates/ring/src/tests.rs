@@ -14,7 +14,10 @@ use crate::{
 
 /// A fresh zeroed ring of `ring_size` bytes in its own anonymous shared mapping.
 /// The whole payload of `packet`, copied out of the ring.
-fn payload_of<M: RingMem>(batch: &crate::ReadBatch<'_, M>, packet: &crate::IncomingPacket) -> Vec<u8> {
+fn payload_of<M: RingMem>(
+    batch: &crate::ReadBatch<'_, M>,
+    packet: &crate::IncomingPacket,
+) -> Vec<u8> {
     let mut out = vec![0u8; packet.payload_len];
     batch.read_payload(packet, 0, &mut out).unwrap();
     out
@@ -518,18 +521,23 @@ fn two_threads_stream_100k_packets_with_checksums() {
     });
     let mut next = 0u64;
     let mut waits = 0;
-    receive_until(&mut reader, &mut reader_bell, &mut waits, |batch, packet| {
-        assert_eq!(packet.transaction_id, next, "packets arrive in order");
-        let len = len_of(next);
-        let bytes = payload_of(batch, packet);
-        let body = &bytes[..len];
-        let mut sum = [0u8; 8];
-        sum.copy_from_slice(&bytes[len..len + 8]);
-        assert_eq!(checksum(body), u64::from_le_bytes(sum), "packet {next}");
-        assert_eq!(body, &pattern(next, len)[..]);
-        next += 1;
-        Ok(next < PACKETS)
-    })
+    receive_until(
+        &mut reader,
+        &mut reader_bell,
+        &mut waits,
+        |batch, packet| {
+            assert_eq!(packet.transaction_id, next, "packets arrive in order");
+            let len = len_of(next);
+            let bytes = payload_of(batch, packet);
+            let body = &bytes[..len];
+            let mut sum = [0u8; 8];
+            sum.copy_from_slice(&bytes[len..len + 8]);
+            assert_eq!(checksum(body), u64::from_le_bytes(sum), "packet {next}");
+            assert_eq!(body, &pattern(next, len)[..]);
+            next += 1;
+            Ok(next < PACKETS)
+        },
+    )
     .unwrap();
     let (writer_waits, writer_signals) = producer.join().unwrap();
     assert_eq!(next, PACKETS);

@@ -16,7 +16,9 @@ fn ioctl_noarg(fd: impl AsFd, request: libc::c_ulong) -> Result<(), Errno> {
     let rc = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), request as _, 0) };
     if rc == -1 {
         return Err(Errno::from_raw_os_error(
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO),
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
         ));
     }
     Ok(())

@@ -44,7 +44,9 @@ fn fcntl_flock(fd: impl AsFd, cmd: libc::c_int, l: &mut libc::flock) -> Result<(
     let rc = unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), cmd, l as *mut libc::flock) };
     if rc == -1 {
         return Err(Errno::from_raw_os_error(
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO),
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
         ));
     }
     Ok(())
@@ -56,7 +58,11 @@ pub fn try_lock(fd: impl AsFd, kind: LockKind) -> Result<bool, Errno> {
         LockKind::Shared => libc::F_RDLCK,
         LockKind::Exclusive => libc::F_WRLCK,
     };
-    match fcntl_flock(fd, libc::F_OFD_SETLK, &mut whole_file(l_type as libc::c_short)) {
+    match fcntl_flock(
+        fd,
+        libc::F_OFD_SETLK,
+        &mut whole_file(l_type as libc::c_short),
+    ) {
         Ok(()) => Ok(true),
         Err(Errno::AGAIN) | Err(Errno::ACCESS) => Ok(false),
         Err(e) => Err(e),
@@ -98,8 +104,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, b"x").unwrap();
-        let a = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
-        let b = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let a = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let b = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         assert!(try_lock(&a, LockKind::Exclusive).unwrap());
         assert!(!try_lock(&b, LockKind::Shared).unwrap());
         let h = holder(&b, LockKind::Shared).unwrap().unwrap();
@@ -107,7 +121,10 @@ mod tests {
         assert_eq!(h.pid, None, "an OFD holder has no pid");
         unlock(&a).unwrap();
         assert!(try_lock(&b, LockKind::Shared).unwrap());
-        assert!(try_lock(&a, LockKind::Shared).unwrap(), "shared locks coexist");
+        assert!(
+            try_lock(&a, LockKind::Shared).unwrap(),
+            "shared locks coexist"
+        );
         assert_eq!(holder(&b, LockKind::Shared).unwrap(), None);
     }
 }

@@ -423,12 +423,14 @@ const EMPTY_SLOT: GuardSlot = GuardSlot {
 static GUARDS: [GuardSlot; MAX_GUARDED_MAPPINGS] = [EMPTY_SLOT; MAX_GUARDED_MAPPINGS];
 
 fn claim_slot() -> Option<usize> {
-    GUARDS.iter().position(|s| {
-        s.claimed
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-    })
-    .inspect(|&i| GUARDS[i].broken.store(false, Ordering::Release))
+    GUARDS
+        .iter()
+        .position(|s| {
+            s.claimed
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
+        .inspect(|&i| GUARDS[i].broken.store(false, Ordering::Release))
 }
 
 fn publish_slot(slot: usize, start: usize, len: usize) {

@@ -18,10 +18,7 @@ pub fn core_in(dir: &Path) -> KvpCore {
     std::fs::write(&os_release, "NAME=\"Test OS\"\nVERSION_ID=\"42.1\"\n").unwrap();
     let config = KvpConfig {
         pool_dir: dir.join("pools"),
-        store: StoreOptions {
-            fsync: false,
-            ..StoreOptions::default()
-        },
+        store: StoreOptions::default(),
         os: OsInfoSources {
             os_release,
             fallback_release_files: vec![],
@@ -44,7 +41,7 @@ pub struct FakeKernel {
 
 impl FakeKernel {
     /// Starts serving `core`, reads its REGISTER1 and answers with version `"3.1"`.
-    pub fn start(core: Arc<tokio::sync::Mutex<KvpCore>>) -> FakeKernel {
+    pub fn start(core: Arc<KvpCore>) -> FakeKernel {
         let (ours, kernel) = rustix::net::socketpair(
             AddressFamily::UNIX,
             SocketType::SEQPACKET,
