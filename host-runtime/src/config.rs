@@ -3,7 +3,7 @@
 //! Every section is optional; an empty file gives a runtime that answers every IC it knows and only
 //! logs a host's shutdown request. Unknown keys are refused so a typo is an error, not a silent default.
 
-use crate::services::ServiceKind;
+use crate::service_kind::ServiceKind;
 use hvisd_ic::shutdown::ShutdownAction;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};

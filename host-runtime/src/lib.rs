@@ -6,6 +6,7 @@
 //! the same way. [`sim`] plays the host for tests and demos.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod channel;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod doorbell;
 pub mod offer;
 pub mod plugins;
 pub mod runtime;
+pub mod service_kind;
 pub mod services;
 pub mod sim;
 pub mod transport;

@@ -58,23 +58,12 @@ enum Command {
         command: PluginCommand,
     },
     /// Read and change the KVP pool files (safe while the daemon runs).
-    Kvp {
-        /// Pool: external, guest, auto, auto-external, auto-internal, or 0-4.
-        #[arg(long, global = true)]
-        pool: Option<String>,
-        /// Pool directory.
-        #[arg(long, global = true, default_value = "/var/lib/hyperv")]
-        pool_dir: PathBuf,
-        /// Print JSON instead of a table.
-        #[arg(long, global = true)]
-        json: bool,
-        #[command(subcommand)]
-        command: KvpCommand,
-    },
-    /// Benchmarks that print figures.
+    Kvp(hvisd_kvp::cli::KvpCliArgs),
+    /// Benchmarks that print figures (built with `--features bench`).
+    #[cfg(feature = "bench")]
     Bench {
         #[command(subcommand)]
-        which: BenchCommand,
+        which: hvisd::bench::BenchCommand,
     },
 }
 
@@ -103,68 +92,6 @@ enum PluginCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum KvpCommand {
-    /// List the records of one pool (or of every pool).
-    List,
-    /// Print one value.
-    Get {
-        /// The key.
-        key: String,
-    },
-    /// Create or replace a key.
-    Set {
-        /// The key.
-        key: String,
-        /// The value.
-        value: String,
-    },
-    /// Remove a key.
-    Delete {
-        /// The key.
-        key: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Ring throughput over a real shared mapping, against a memcpy baseline.
-    Ring {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Runs of every case; the fastest is reported.
-        #[arg(long, default_value_t = 3)]
-        repeats: u32,
-        /// Bytes of the ring (one direction, control page included).
-        #[arg(long, default_value_t = 128 * 4096)]
-        ring_size: usize,
-    },
-    /// Plugin call cost, instantiation from the cache, load time of three plugins, RSS (builds the
-    /// example plugins for wasm32-wasip2 first).
-    Plugin {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Provider calls to time.
-        #[arg(long, default_value_t = 200_000)]
-        calls: u32,
-    },
-    /// KVP request latency and rate: enumerating a Guest pool over shm, the kernel protocol and
-    /// the codec alone, with and without plugin-provided keys.
-    Kvp {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Records in the Guest pool.
-        #[arg(long, default_value_t = 100)]
-        pool_keys: usize,
-        /// Full enumerations measured per case.
-        #[arg(long, default_value_t = 50)]
-        rounds: usize,
     },
 }
 
@@ -220,25 +147,9 @@ fn main() -> Result<()> {
                     json,
                 },
         } => plugin_check(&file, config.as_deref(), plugin.as_deref(), json),
-        Command::Kvp {
-            pool,
-            pool_dir,
-            json,
-            command,
-        } => kvp_cli(pool.as_deref(), pool_dir, json, command),
-        Command::Bench { which } => match which {
-            BenchCommand::Ring {
-                json,
-                repeats,
-                ring_size,
-            } => bench_ring(json, repeats, ring_size),
-            BenchCommand::Plugin { json, calls } => runtime()?.block_on(bench_plugin(json, calls)),
-            BenchCommand::Kvp {
-                json,
-                pool_keys,
-                rounds,
-            } => runtime()?.block_on(bench_kvp(json, pool_keys, rounds)),
-        },
+        Command::Kvp(args) => Ok(hvisd_kvp::cli::cli(&args, &mut std::io::stdout().lock())?),
+        #[cfg(feature = "bench")]
+        Command::Bench { which } => hvisd::bench::run(which),
     }
 }
 
@@ -390,30 +301,6 @@ async fn sim(script: Option<PathBuf>, root: Option<PathBuf>, config: Config) -> 
     Ok(())
 }
 
-fn kvp_cli(pool: Option<&str>, pool_dir: PathBuf, json: bool, command: KvpCommand) -> Result<()> {
-    use hvisd_kvp::cli::{KvpCliArgs, KvpCliCommand};
-    let pool = match pool {
-        Some(name) => Some(hvisd_protocol::kvp::Pool::parse(name).with_context(|| {
-            format!("unknown pool {name:?}: use external, guest, auto, auto-external, auto-internal or 0-4")
-        })?),
-        None => None,
-    };
-    let command = match command {
-        KvpCommand::List => KvpCliCommand::List,
-        KvpCommand::Get { key } => KvpCliCommand::Get { key },
-        KvpCommand::Set { key, value } => KvpCliCommand::Set { key, value },
-        KvpCommand::Delete { key } => KvpCliCommand::Delete { key },
-    };
-    let args = KvpCliArgs {
-        command,
-        pool,
-        pool_dir,
-        json,
-    };
-    hvisd_kvp::cli::cli(&args, &mut std::io::stdout().lock())?;
-    Ok(())
-}
-
 fn plugin_check(
     file: &std::path::Path,
     config: Option<&std::path::Path>,
@@ -439,88 +326,6 @@ fn plugin_check(
     }
     if !report.ok() {
         bail!("{} is not accepted", file.display());
-    }
-    Ok(())
-}
-
-async fn bench_plugin(json: bool, calls: u32) -> Result<()> {
-    use hvisd_plugin_host::bench::{BenchConfig, run_plugin_bench};
-    use hvisd_plugin_host::build::{build_plugins, plugins_workspace};
-    if calls == 0 {
-        bail!("--calls must be at least 1");
-    }
-    let built = build_plugins(&plugins_workspace(), "release")?;
-    let pick = |n: &str| {
-        built
-            .get(n)
-            .cloned()
-            .with_context(|| format!("plugin `{n}` was not built"))
-    };
-    let cache = tempfile::tempdir()?;
-    let config = BenchConfig {
-        provider_wasm: pick("app-version")?,
-        hook_wasm: pick("flush-hold")?,
-        hvsock_wasm: pick("status-echo")?,
-        cache_dir: cache.path().join("cache"),
-        provider_calls: calls,
-        instantiations: 200,
-    };
-    let report = run_plugin_bench(&config).await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        report.print_human();
-    }
-    Ok(())
-}
-
-async fn bench_kvp(json: bool, pool_keys: usize, rounds: usize) -> Result<()> {
-    if rounds == 0 {
-        bail!("--rounds must be at least 1");
-    }
-    let opts = hvisd_kvp::bench::KvpBenchOptions {
-        pool_keys,
-        rounds,
-        ..Default::default()
-    };
-    let cases = hvisd::bench::run_kvp_bench(&opts).await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&cases)?);
-    } else {
-        println!(
-            "{:<12} {:>9} {:>11} {:>9} {:>10} {:>10} {:>12}",
-            "path", "pool keys", "plugin keys", "requests", "p50 us", "p99 us", "requests/s"
-        );
-        for c in &cases {
-            println!(
-                "{:<12} {:>9} {:>11} {:>9} {:>10.1} {:>10.1} {:>12.0}",
-                c.path,
-                c.pool_keys,
-                c.plugin_keys,
-                c.requests,
-                c.p50_us,
-                c.p99_us,
-                c.requests_per_sec
-            );
-        }
-    }
-    Ok(())
-}
-
-fn bench_ring(json: bool, repeats: u32, ring_size: usize) -> Result<()> {
-    if repeats == 0 {
-        bail!("--repeats must be at least 1");
-    }
-    let opts = hvisd_ring::bench::RingBenchOptions {
-        repeats,
-        ring_size,
-        ..Default::default()
-    };
-    let report = hvisd_ring::bench::run_ring_bench(&opts)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        report.print_human();
     }
     Ok(())
 }

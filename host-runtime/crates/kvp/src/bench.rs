@@ -8,6 +8,10 @@
 //! The plugin keys come from an in-process provider that answers at once (what is measured is the
 //! service's cache and merge, not a plugin's own run time) unless the caller passes providers.
 
+/// The LD_PRELOAD shim that lets Debian's `hv_kvp_daemon` run without Hyper-V (its device becomes
+/// a socket, its pool directory a chosen one); the differential test uses the same file.
+pub const C_DAEMON_SHIM: &str = include_str!("../testdata/hv_kvp_daemon_shim.c");
+
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -10,7 +10,7 @@ use hvisd_protocol::kvp::{MAX_KEY_SIZE, MAX_VALUE_SIZE, Pool};
 use crate::pool::{PoolStore, StoreError, StoreOptions};
 
 /// What to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum KvpCliCommand {
     /// List one pool, or all pools when no pool is given.
     List,
@@ -33,18 +33,30 @@ pub enum KvpCliCommand {
     },
 }
 
-/// Parsed arguments (clap-free; the binary maps its subcommand onto this).
-#[derive(Debug, Clone)]
+/// `hvisd kvp`'s arguments.
+#[derive(Debug, Clone, clap::Args)]
 pub struct KvpCliArgs {
     /// The command.
+    #[command(subcommand)]
     pub command: KvpCliCommand,
-    /// `--pool`: a name (`guest`, `external`, `auto`, `auto-external`, `auto-internal`) or 0-4,
-    /// parsed with [`Pool::parse`]. Default: all pools for `list`, `guest` otherwise.
+    /// Pool: external, guest, auto, auto-external, auto-internal, or 0-4. Default: every pool for
+    /// `list`, guest otherwise.
+    #[arg(long, global = true, value_parser = parse_pool)]
     pub pool: Option<Pool>,
-    /// `--pool-dir`, default `/var/lib/hyperv`.
+    /// Pool directory.
+    #[arg(long, global = true, default_value = "/var/lib/hyperv")]
     pub pool_dir: PathBuf,
-    /// `--json`.
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
     pub json: bool,
+}
+
+fn parse_pool(name: &str) -> Result<Pool, String> {
+    Pool::parse(name).ok_or_else(|| {
+        format!(
+            "unknown pool {name:?}: use external, guest, auto, auto-external, auto-internal or 0-4"
+        )
+    })
 }
 
 /// Why the command failed (the binary prints it and exits non-zero).

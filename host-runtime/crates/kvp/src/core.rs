@@ -274,7 +274,7 @@ impl KvpCore {
         let (k, v) = (key.clone(), value.clone());
         self.pools
             .update(pool, move |records| {
-                match records.iter().position(|r| r.key_field()[..ks] == k[..]) {
+                match records.position(|r| r.key_field()[..ks] == k[..]) {
                     // Modify: only the first value_size bytes change, as the C memcpy does.
                     Some(i) => {
                         records[i].value_field_mut()[..vs].copy_from_slice(&v);
@@ -351,7 +351,7 @@ impl KvpCore {
         let deleted = self
             .pools
             .update(pool, move |records| {
-                let Some(i) = records.iter().position(|r| r.key_field()[..ks] == k[..]) else {
+                let Some(i) = records.position(|r| r.key_field()[..ks] == k[..]) else {
                     return (false, Change::None);
                 };
                 // The C daemon shifts the following records up with strcpy: only the bytes up to

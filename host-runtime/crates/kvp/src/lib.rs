@@ -11,6 +11,7 @@
 //! - [`cli`]: `hvisd kvp list|get|set|delete`; [`bench`](mod@bench): `hvisd bench kvp`.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod cli;
 pub mod core;
@@ -24,6 +25,6 @@ pub mod vmbus;
 
 pub use crate::core::{HostKvpEvent, KvpConfig, KvpCore, KvpOutcome};
 pub use guest_keys::{GuestKeyOptions, GuestKeyProvider, GuestKeys};
-pub use pool::{Change, PoolStore, Record, StoreError, StoreOptions};
+pub use pool::{Change, PoolStore, Record, Records, StoreError, StoreOptions};
 pub use store::PoolHandle;
 pub use vmbus::KvpService;

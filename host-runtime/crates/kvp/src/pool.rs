@@ -47,6 +47,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hvisd_protocol::kvp::{MAX_KEY_SIZE, MAX_VALUE_SIZE, Pool};
@@ -139,6 +140,119 @@ impl Record {
 
     fn is_all_zero(&self) -> bool {
         self.0.iter().all(|&b| b == 0)
+    }
+}
+
+/// The records of a pool, in file order. Records are shared with published snapshots (cloning
+/// this is cheap); changing one copies only that record if a snapshot still holds it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Records(Vec<Arc<Record>>);
+
+impl Records {
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The records in file order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Record> + ExactSizeIterator {
+        self.0.iter().map(|r| &**r)
+    }
+
+    /// Record `i`.
+    pub fn get(&self, i: usize) -> Option<&Record> {
+        self.0.get(i).map(|r| &**r)
+    }
+
+    /// Index of the first record matching `pred`.
+    pub fn position(&self, mut pred: impl FnMut(&Record) -> bool) -> Option<usize> {
+        self.0.iter().position(|r| pred(r))
+    }
+
+    /// Appends a record.
+    pub fn push(&mut self, record: Record) {
+        self.0.push(Arc::new(record));
+    }
+
+    /// Removes the last record.
+    pub fn pop(&mut self) -> Option<Record> {
+        self.0.pop().map(Arc::unwrap_or_clone)
+    }
+
+    /// Removes record `i`, shifting the later ones.
+    pub fn remove(&mut self, i: usize) -> Record {
+        Arc::unwrap_or_clone(self.0.remove(i))
+    }
+
+    /// Keeps the records matching `keep`.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Record) -> bool) {
+        self.0.retain(|r| keep(r));
+    }
+
+    /// The records from `i` on, as bytes.
+    fn bytes_from(&self, i: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len().saturating_sub(i) * RECORD_SIZE);
+        for r in self.0.iter().skip(i) {
+            out.extend_from_slice(r.as_bytes());
+        }
+        out
+    }
+}
+
+impl std::ops::Index<usize> for Records {
+    type Output = Record;
+    fn index(&self, i: usize) -> &Record {
+        &self.0[i]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Records {
+    fn index_mut(&mut self, i: usize) -> &mut Record {
+        Arc::make_mut(&mut self.0[i])
+    }
+}
+
+impl FromIterator<Record> for Records {
+    fn from_iter<I: IntoIterator<Item = Record>>(iter: I) -> Self {
+        Records(iter.into_iter().map(Arc::new).collect())
+    }
+}
+
+/// The records of one pool as last read or written, and which file state they belong to.
+#[derive(Debug)]
+pub struct Snapshot {
+    id: FileId,
+    path: PathBuf,
+    /// The records.
+    pub records: Records,
+}
+
+/// The latest [`Snapshot`] of each pool, published by the store's owner for readers on other
+/// threads: a reader that finds the file unchanged since (one `stat`, which no other process's
+/// lock can stall) answers from it without a trip to the owner thread.
+#[derive(Debug, Default)]
+pub struct Published([std::sync::RwLock<Option<Arc<Snapshot>>>; 5]);
+
+impl Published {
+    /// The snapshot of `pool` if the file is unchanged since it was taken.
+    pub fn fresh(&self, pool: Pool) -> Option<Arc<Snapshot>> {
+        let snap = self.0[pool as usize]
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let meta = std::fs::symlink_metadata(&snap.path).ok()?;
+        (FileId::of(&meta) == snap.id).then_some(snap)
+    }
+
+    fn set(&self, pool: Pool, snap: Option<Arc<Snapshot>>) {
+        *self.0[pool as usize]
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = snap;
     }
 }
 
@@ -251,7 +365,7 @@ pub enum Change {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId {
+pub(crate) struct FileId {
     dev: u64,
     ino: u64,
     size: u64,
@@ -276,7 +390,7 @@ struct PoolFile {
     path: PathBuf,
     file: Option<File>,
     journal: Option<File>,
-    cached: Option<(FileId, Vec<Record>)>,
+    cached: Option<(FileId, Records)>,
     reads: u64,
 }
 
@@ -287,6 +401,7 @@ pub struct PoolStore {
     dir_fd: OwnedFd,
     pools: Vec<PoolFile>,
     options: StoreOptions,
+    published: Arc<Published>,
 }
 
 impl std::fmt::Debug for PoolStore {
@@ -548,6 +663,7 @@ impl PoolStore {
             dir_fd,
             pools,
             options,
+            published: Arc::default(),
         };
         let mut created = false;
         for pool in Pool::ALL {
@@ -569,6 +685,26 @@ impl PoolStore {
     /// The file of `pool`.
     pub fn path(&self, pool: Pool) -> &Path {
         &self.pools[pool as usize].path
+    }
+
+    /// The snapshots this store publishes (see [`Published`]).
+    pub fn published(&self) -> Arc<Published> {
+        self.published.clone()
+    }
+
+    fn cache(&mut self, pool: Pool, cached: Option<(FileId, Records)>) {
+        let st = &mut self.pools[pool as usize];
+        self.published.set(
+            pool,
+            cached.as_ref().map(|(id, records)| {
+                Arc::new(Snapshot {
+                    id: *id,
+                    path: st.path.clone(),
+                    records: records.clone(),
+                })
+            }),
+        );
+        st.cached = cached;
     }
 
     /// The options in force.
@@ -597,6 +733,7 @@ impl PoolStore {
         }
         st.file = None;
         st.cached = None;
+        self.published.set(pool, None);
         let created = matches!(at_path, Err(rustix::io::Errno::NOENT));
         let fd = rustix::fs::openat(
             &self.dir_fd,
@@ -663,7 +800,7 @@ impl PoolStore {
 
     /// Runs `f` on the current records of `pool`: from memory when the file is unchanged since it
     /// was last read, else re-read under shared locks.
-    pub fn read<R>(&mut self, pool: Pool, f: impl FnOnce(&[Record]) -> R) -> Result<R, StoreError> {
+    pub fn read<R>(&mut self, pool: Pool, f: impl FnOnce(&Records) -> R) -> Result<R, StoreError> {
         self.ensure_open(pool)?;
         let timeout = self.options.lock_timeout;
         let st = &mut self.pools[pool as usize];
@@ -674,16 +811,17 @@ impl PoolStore {
         let id = FileId::of(&file.metadata().map_err(io(&st.path, "fstat"))?);
         if !matches!(&st.cached, Some((cached, _)) if *cached == id) {
             let held = lock(file, LockKind::Shared, timeout, &st.path)?;
-            let (id, records) = read_all(held.0, &st.path)?;
+            let fresh = read_all(held.0, &st.path)?;
             drop(held);
             st.reads += 1;
-            st.cached = Some((id, records));
+            self.cache(pool, Some(fresh));
         }
+        let st = &self.pools[pool as usize];
         Ok(f(st
             .cached
             .as_ref()
-            .map(|(_, r)| r.as_slice())
-            .unwrap_or(&[])))
+            .map(|(_, r)| r)
+            .unwrap_or(&Records::default())))
     }
 
     /// Runs `f` on the records of `pool` under both exclusive locks and writes what it says
@@ -691,21 +829,21 @@ impl PoolStore {
     pub fn update<R>(
         &mut self,
         pool: Pool,
-        f: impl FnOnce(&mut Vec<Record>) -> (R, Change),
+        f: impl FnOnce(&mut Records) -> (R, Change),
     ) -> Result<R, StoreError> {
         self.ensure_open(pool)?;
         let result = self.update_open(pool, f);
-        if result.is_err() {
-            // Whatever was half done, the next operation starts from the file.
-            self.pools[pool as usize].cached = None;
-        }
+        // Publish what the file now holds (or, after a failure, nothing: the next operation
+        // starts from the file).
+        let cached = self.pools[pool as usize].cached.take();
+        self.cache(pool, if result.is_ok() { cached } else { None });
         result
     }
 
     fn update_open<R>(
         &mut self,
         pool: Pool,
-        f: impl FnOnce(&mut Vec<Record>) -> (R, Change),
+        f: impl FnOnce(&mut Records) -> (R, Change),
     ) -> Result<R, StoreError> {
         let options = self.options;
         // The journal is opened before the locks so that the borrow of the pool file below is the
@@ -774,12 +912,7 @@ impl PoolStore {
                 }
             }
             Change::Removed(i) => {
-                let tail: Vec<u8> = records
-                    .get(i..)
-                    .unwrap_or(&[])
-                    .iter()
-                    .flat_map(|r| r.as_bytes().iter().copied())
-                    .collect();
+                let tail = records.bytes_from(i);
                 let new_len = records.len() as u64 * rs;
                 journaled_write(
                     file,
@@ -792,10 +925,7 @@ impl PoolStore {
                 )?;
             }
             Change::Rewritten => {
-                let all: Vec<u8> = records
-                    .iter()
-                    .flat_map(|r| r.as_bytes().iter().copied())
-                    .collect();
+                let all = records.bytes_from(0);
                 let new_len = all.len() as u64;
                 journaled_write(file, journal, &path, size_before, 0, &all, new_len)?;
             }
@@ -855,7 +985,7 @@ impl PoolStore {
     pub fn set(&mut self, pool: Pool, key: &str, value: &str) -> Result<(), StoreError> {
         let new = Record::new(key.as_bytes(), value.as_bytes());
         self.update(pool, |records| {
-            match records.iter().position(|r| r.key() == new.key()) {
+            match records.position(|r| r.key() == new.key()) {
                 Some(i) => {
                     records[i] = new;
                     ((), Change::Modified(i))
@@ -872,7 +1002,7 @@ impl PoolStore {
     /// there was none.
     pub fn delete(&mut self, pool: Pool, key: &str) -> Result<bool, StoreError> {
         self.update(pool, |records| {
-            match records.iter().position(|r| r.key() == key.as_bytes()) {
+            match records.position(|r| r.key() == key.as_bytes()) {
                 Some(i) => {
                     records.remove(i);
                     (true, Change::Removed(i))
@@ -951,7 +1081,7 @@ fn replay_journal(file: &File, journal: &File, path: &Path) -> Result<(), StoreE
     clear_journal(journal, path)
 }
 
-fn read_all(file: &File, path: &Path) -> Result<(FileId, Vec<Record>), StoreError> {
+fn read_all(file: &File, path: &Path) -> Result<(FileId, Records), StoreError> {
     let meta = file.metadata().map_err(io(path, "fstat"))?;
     if meta.len() > MAX_POOL_FILE {
         return Err(StoreError::TooLarge {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use hvisd_protocol::kvp::Pool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::pool::{Change, PoolStore, Record, StoreError};
+use crate::pool::{Change, PoolStore, Published, Records, StoreError};
 
 type Job = Box<dyn FnOnce(&mut PoolStore) + Send>;
 
@@ -27,6 +27,7 @@ pub const QUEUE_DEPTH: usize = 256;
 pub struct PoolHandle {
     jobs: mpsc::Sender<Job>,
     stopped: Arc<AtomicBool>,
+    published: Arc<Published>,
 }
 
 impl std::fmt::Debug for PoolHandle {
@@ -39,6 +40,7 @@ impl PoolHandle {
     /// Moves `store` onto its own thread (`hvisd-pools`). The thread ends when every handle is
     /// dropped.
     pub fn spawn(store: PoolStore) -> std::io::Result<PoolHandle> {
+        let published = store.published();
         let (jobs, mut queue) = mpsc::channel::<Job>(QUEUE_DEPTH);
         let stopped = Arc::new(AtomicBool::new(false));
         let flag = stopped.clone();
@@ -51,7 +53,11 @@ impl PoolHandle {
                 }
                 flag.store(true, Ordering::Release);
             })?;
-        Ok(PoolHandle { jobs, stopped })
+        Ok(PoolHandle {
+            jobs,
+            stopped,
+            published,
+        })
     }
 
     /// Runs `f` on the store's thread and returns its result.
@@ -71,12 +77,16 @@ impl PoolHandle {
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
-    /// [`PoolStore::read`] on the store's thread.
+    /// [`PoolStore::read`]: answered here from the published snapshot when the file is unchanged
+    /// since (one `stat`), else on the store's thread.
     pub async fn read<R, F>(&self, pool: Pool, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&[Record]) -> R + Send + 'static,
+        F: FnOnce(&Records) -> R + Send + 'static,
     {
+        if let Some(snap) = self.published.fresh(pool) {
+            return Ok(f(&snap.records));
+        }
         self.run(move |s| s.read(pool, f)).await
     }
 
@@ -84,19 +94,31 @@ impl PoolHandle {
     pub async fn update<R, F>(&self, pool: Pool, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Vec<Record>) -> (R, Change) + Send + 'static,
+        F: FnOnce(&mut Records) -> (R, Change) + Send + 'static,
     {
         self.run(move |s| s.update(pool, f)).await
     }
 
     /// [`PoolStore::get`].
     pub async fn get(&self, pool: Pool, key: String) -> Result<Option<String>, StoreError> {
-        self.run(move |s| s.get(pool, &key)).await
+        self.read(pool, move |records| {
+            records
+                .iter()
+                .find(|r| r.key() == key.as_bytes())
+                .map(|r| r.value_lossy())
+        })
+        .await
     }
 
     /// [`PoolStore::list`].
     pub async fn list(&self, pool: Pool) -> Result<Vec<(String, String)>, StoreError> {
-        self.run(move |s| s.list(pool)).await
+        self.read(pool, |records| {
+            records
+                .iter()
+                .map(|r| (r.key_lossy(), r.value_lossy()))
+                .collect()
+        })
+        .await
     }
 
     /// [`PoolStore::set`].

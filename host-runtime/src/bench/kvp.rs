@@ -163,3 +163,17 @@ pub async fn kvp_shm_case(
     let _ = runtime.await;
     Ok(summarize("shm", opts, plugin_keys, latencies, total))
 }
+
+/// Prints the enumeration cases as a table.
+pub fn print_paths(cases: &[KvpBenchCase]) {
+    println!(
+        "{:<12} {:>9} {:>11} {:>9} {:>10} {:>10} {:>12}",
+        "path", "pool keys", "plugin keys", "requests", "p50 us", "p99 us", "requests/s"
+    );
+    for c in cases {
+        println!(
+            "{:<12} {:>9} {:>11} {:>9} {:>10.1} {:>10.1} {:>12.0}",
+            c.path, c.pool_keys, c.plugin_keys, c.requests, c.p50_us, c.p99_us, c.requests_per_sec
+        );
+    }
+}

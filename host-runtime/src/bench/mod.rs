@@ -1,0 +1,172 @@
+//! `hvisd bench ...`: benchmarks that print figures (a table, or JSON with `--json`). Built only
+//! with the `bench` feature (`cargo run --release -p hvisd --features bench -- bench ...`), so the
+//! production binary carries neither the benchmark code nor the plugin build helper.
+
+pub mod kvp;
+pub mod kvp_ops;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Ring throughput over a real shared mapping, against a memcpy baseline, with the writer and
+    /// reader threads pinned to the same CPU and to two CPUs.
+    Ring {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Runs of every case; the fastest is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: u32,
+        /// Bytes of the ring (one direction, control page included).
+        #[arg(long, default_value_t = 128 * 4096)]
+        ring_size: usize,
+        /// `same-cpu`, `split`, or both (the default).
+        #[arg(long)]
+        placement: Option<String>,
+    },
+    /// Plugin call cost, instantiation from the cache, load time of three plugins, RSS (builds the
+    /// example plugins for wasm32-wasip2 first).
+    Plugin {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Provider calls to time.
+        #[arg(long, default_value_t = 200_000)]
+        calls: u32,
+    },
+    /// KVP: SET, GET and ENUMERATE on the kernel protocol against Debian's hv_kvp_daemon (both as
+    /// processes, pinned to one CPU with the harness), then enumeration latency over shm, the
+    /// kernel protocol and the codec, with and without plugin keys.
+    Kvp {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Records in the Guest pool.
+        #[arg(long, default_value_t = 100)]
+        pool_keys: usize,
+        /// Full enumerations measured per case.
+        #[arg(long, default_value_t = 50)]
+        rounds: usize,
+        /// Requests per SET and GET case against the daemons.
+        #[arg(long, default_value_t = 5000)]
+        requests: usize,
+        /// The C daemon (default: $HVISD_C_KVP_DAEMON, else target/c-daemons/usr/sbin/hv_kvp_daemon).
+        #[arg(long)]
+        c_daemon: Option<std::path::PathBuf>,
+    },
+}
+
+/// Runs one benchmark and prints its figures.
+pub fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Ring {
+            json,
+            repeats,
+            ring_size,
+            placement,
+        } => ring(json, repeats, ring_size, placement.as_deref()),
+        BenchCommand::Plugin { json, calls } => runtime()?.block_on(plugin(json, calls)),
+        BenchCommand::Kvp {
+            json,
+            pool_keys,
+            rounds,
+            requests,
+            c_daemon,
+        } => {
+            if rounds == 0 || requests == 0 {
+                bail!("--rounds and --requests must be at least 1");
+            }
+            let ops = kvp_ops::run(&kvp_ops::OpsOptions {
+                pool_keys,
+                requests,
+                enumerate_rounds: rounds,
+                c_daemon,
+            })?;
+            let opts = hvisd_kvp::bench::KvpBenchOptions {
+                pool_keys,
+                rounds,
+                ..Default::default()
+            };
+            let paths = runtime()?.block_on(kvp::run_kvp_bench(&opts))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"ops": ops, "paths": paths}))?
+                );
+            } else {
+                ops.print_human();
+                kvp::print_paths(&paths);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn ring(json: bool, repeats: u32, ring_size: usize, placement: Option<&str>) -> Result<()> {
+    use hvisd_ring::bench::{Placement, RingBenchOptions, run_ring_bench};
+    if repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let placements = match placement {
+        None | Some("both") => Placement::ALL.to_vec(),
+        Some(name) => vec![
+            Placement::parse(name)
+                .with_context(|| format!("--placement {name:?}: use same-cpu, split or both"))?,
+        ],
+    };
+    let opts = RingBenchOptions {
+        repeats,
+        ring_size,
+        placements,
+        ..Default::default()
+    };
+    let report = run_ring_bench(&opts)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print_human();
+    }
+    Ok(())
+}
+
+async fn plugin(json: bool, calls: u32) -> Result<()> {
+    use hvisd_plugin_host::bench::{BenchConfig, run_plugin_bench};
+    use hvisd_plugin_host::build::{build_plugins, plugins_workspace};
+    if calls == 0 {
+        bail!("--calls must be at least 1");
+    }
+    let built = build_plugins(&plugins_workspace(), "release")?;
+    let pick = |n: &str| {
+        built
+            .get(n)
+            .cloned()
+            .with_context(|| format!("plugin `{n}` was not built"))
+    };
+    let cache = tempfile::tempdir()?;
+    let config = BenchConfig {
+        provider_wasm: pick("app-version")?,
+        hook_wasm: pick("flush-hold")?,
+        hvsock_wasm: pick("status-echo")?,
+        cache_dir: cache.path().join("cache"),
+        provider_calls: calls,
+        instantiations: 200,
+    };
+    let report = run_plugin_bench(&config).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print_human();
+    }
+    Ok(())
+}
