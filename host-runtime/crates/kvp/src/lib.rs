@@ -18,6 +18,7 @@ pub mod intrinsic;
 pub mod ipinfo;
 pub mod kernel;
 pub mod pool;
+pub mod script;
 pub mod vmbus;
 
 pub use crate::core::{HostKvpEvent, KvpConfig, KvpCore, KvpOutcome};
