@@ -7,6 +7,12 @@
 //! socket and rewrites `/var/lib/hyperv` paths into a temporary directory. Nothing else of the C
 //! daemon is changed. (Only hv_kvp_daemon is run; hv_vss_daemon never is.)
 //!
+//! SET_IP_INFO needs an interface with a `device/device_id`: the shim also maps `/sys/class/net`
+//! to a copy (every real interface's `address`, plus a fake `hvtest0` with a device id), which
+//! hvisd is pointed at too, and turns the C daemon's `system("hv_set_ifconfig ...")` into a
+//! no-op that succeeds, so nothing configures this machine's network. After each SET_IP_INFO both
+//! ifcfg files are compared as well (Debian's daemon predates the keyfile and the header line).
+//!
 //! It needs the C binary: `.ci/run` extracts Debian's package (`apt-get download hyperv-daemons`,
 //! then `dpkg-deb -x`; nothing installed or started) and points `HVISD_C_KVP_DAEMON` at it. Under CI
 //! (`CI` set) a missing binary fails the test; on a developer's machine without it the test says
@@ -22,6 +28,7 @@ use std::sync::Arc;
 use hvisd_kvp::intrinsic::OsInfoSources;
 use hvisd_kvp::ipinfo::NetConfig;
 use hvisd_kvp::{KvpConfig, KvpCore, StoreOptions};
+use hvisd_protocol::ic::status::HV_E_FAIL;
 use hvisd_protocol::kvp::write_u32;
 use hvisd_protocol::kvp_daemon::{
     self as dm, DAEMON_MSG_SIZE, DaemonIpInfo, DaemonMessage, layout,
@@ -30,6 +37,7 @@ use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
 const SHIM: &str = r#"
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -41,15 +49,41 @@ const SHIM: &str = r#"
 #include <sys/un.h>
 #include <unistd.h>
 
-static const char *map(const char *path, char *buf, size_t n) {
-    const char *dir = getenv("HVISD_SHIM_POOL_DIR");
-    const char *prefix = "/var/lib/hyperv";
+static const char *map_one(const char *path, const char *prefix, const char *env, char *buf,
+                           size_t n) {
+    const char *dir = getenv(env);
     size_t l = strlen(prefix);
     if (dir && strncmp(path, prefix, l) == 0 && (path[l] == 0 || path[l] == '/')) {
         snprintf(buf, n, "%s%s", dir, path + l);
         return buf;
     }
-    return path;
+    return NULL;
+}
+
+static const char *map(const char *path, char *buf, size_t n) {
+    const char *m = map_one(path, "/var/lib/hyperv", "HVISD_SHIM_POOL_DIR", buf, n);
+    if (!m) m = map_one(path, "/sys/class/net", "HVISD_SHIM_NET_DIR", buf, n);
+    return m ? m : path;
+}
+
+DIR *opendir(const char *path) {
+    static DIR *(*real)(const char *);
+    char buf[4096];
+    if (!real) real = dlsym(RTLD_NEXT, "opendir");
+    return real(map(path, buf, sizeof buf));
+}
+
+/* Only kvp_set_ip_info calls system() (to run hv_set_ifconfig): record it, run nothing. */
+int system(const char *cmd) {
+    char path[4096];
+    FILE *f;
+    snprintf(path, sizeof path, "%s/system-calls", getenv("HVISD_SHIM_POOL_DIR"));
+    f = fopen(path, "a");
+    if (f) {
+        fprintf(f, "%s\n", cmd);
+        fclose(f);
+    }
+    return 0;
 }
 
 int open(const char *path, int flags, ...) {
@@ -100,6 +134,34 @@ int mkdir(const char *path, mode_t m) {
 }
 "#;
 
+/// The `device/device_id` of the fake interface `hvtest0` SET_IP_INFO requests name.
+const TEST_ADAPTER_ID: &[u8] = b"{f8615163-df3e-46c5-913f-f2d2f965ed0e}";
+
+/// A copy of `/sys/class/net` (each interface's `address`) plus `hvtest0`, which has the only
+/// `device/device_id`. Both daemons read it (the C one through the shim).
+fn fake_net_dir(work: &Path) -> PathBuf {
+    let net = work.join("net");
+    for entry in std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(address) = std::fs::read(entry.path().join("address")) else {
+            continue;
+        };
+        let dir = net.join(entry.file_name());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("address"), address).unwrap();
+    }
+    let test = net.join("hvtest0");
+    std::fs::create_dir_all(test.join("device")).unwrap();
+    std::fs::write(test.join("address"), "00:15:5d:0a:0b:0c\n").unwrap();
+    let mut id = TEST_ADAPTER_ID.to_vec();
+    id.push(b'\n');
+    std::fs::write(test.join("device/device_id"), id).unwrap();
+    net
+}
+
 struct CDaemon {
     child: Child,
     conn: OwnedFd,
@@ -112,7 +174,7 @@ impl Drop for CDaemon {
     }
 }
 
-fn start_c_daemon(binary: &Path, work: &Path) -> CDaemon {
+fn start_c_daemon(binary: &Path, work: &Path, net: &Path) -> CDaemon {
     let src = work.join("shim.c");
     let lib = work.join("shim.so");
     std::fs::write(&src, SHIM).unwrap();
@@ -140,6 +202,7 @@ fn start_c_daemon(binary: &Path, work: &Path) -> CDaemon {
         .env("LD_PRELOAD", &lib)
         .env("HVISD_SHIM_SOCKET", &sock)
         .env("HVISD_SHIM_POOL_DIR", &pools)
+        .env("HVISD_SHIM_NET_DIR", net)
         .spawn()
         .unwrap();
     let conn = rustix::net::accept(&listener).unwrap();
@@ -155,6 +218,32 @@ fn read(fd: &OwnedFd) -> Box<DaemonMessage> {
 fn call(fd: &OwnedFd, m: &DaemonMessage) -> Box<DaemonMessage> {
     assert_eq!(rustix::io::write(fd, &m[..]).unwrap(), DAEMON_MSG_SIZE);
     read(fd)
+}
+
+const IFCFG_HEADER: &str = "# Generated by Hyper-V key-value pair daemon. Please do not modify.\n";
+
+/// SET_IP_INFO requests where hvisd deliberately differs (README, "Deliberate differences"): the
+/// C daemon writes the value into the ifcfg file and succeeds, hvisd refuses with `HV_E_FAIL`.
+fn deliberate_set_ip_info_differences() -> Vec<(&'static str, Box<DaemonMessage>)> {
+    let with_subnet = |subnet: &[u8]| {
+        dm::build_set_ip_info(&DaemonIpInfo {
+            adapter_id: TEST_ADAPTER_ID.to_vec(),
+            addr_family: 1,
+            ip_addr: b"10.0.0.5".to_vec(),
+            sub_net: subnet.to_vec(),
+            ..Default::default()
+        })
+    };
+    vec![
+        (
+            "netmask with a newline and a shell line",
+            with_subnet(b"24\nDEVICE=$(touch /nonexistent/x)"),
+        ),
+        (
+            "netmask that is not contiguous",
+            with_subnet(b"255.0.255.0"),
+        ),
+    ]
 }
 
 /// The request sequence: every operation on every pool, the Auto pool, IP info, edge sizes.
@@ -242,6 +331,67 @@ fn requests() -> Vec<(String, Box<DaemonMessage>)> {
             ..Default::default()
         }),
     );
+    let set_ip = |ip: &[u8], subnet: &[u8], gateway: &[u8], dns: &[u8], dhcp: u8| {
+        dm::build_set_ip_info(&DaemonIpInfo {
+            adapter_id: TEST_ADAPTER_ID.to_vec(),
+            addr_family: 3,
+            dhcp_enabled: dhcp,
+            ip_addr: ip.to_vec(),
+            sub_net: subnet.to_vec(),
+            gate_way: gateway.to_vec(),
+            dns_addr: dns.to_vec(),
+        })
+    };
+    add(
+        "set ip info ok: v4 and v6".into(),
+        set_ip(
+            b"10.0.0.5;10.0.0.6;fe80::1",
+            b"255.255.255.0;255.255.0.0;64",
+            b"10.0.0.1;fe80::fe",
+            b"10.0.0.2;10.0.0.3",
+            0,
+        ),
+    );
+    add(
+        "set ip info ok: leading spaces, an empty entry ends a list".into(),
+        set_ip(
+            b" 192.0.2.7;;junk that is never read",
+            b"  255.255.255.128",
+            b"192.0.2.1;",
+            b" 2001:db8::53; 192.0.2.53",
+            0,
+        ),
+    );
+    add(
+        "set ip info ok: v6 only".into(),
+        set_ip(b"2001:db8::5", b"128", b"2001:db8::1", b"", 0),
+    );
+    add(
+        "set ip info ok: dhcp".into(),
+        set_ip(b"10.0.0.5", b"255.255.255.0", b"10.0.0.1", b"10.0.0.2", 1),
+    );
+    add(
+        "set ip info ok: nothing but the adapter".into(),
+        set_ip(b"", b"", b"", b"", 0),
+    );
+    add(
+        "set ip info: an address that is not one".into(),
+        set_ip(
+            b"10.0.0.5;not-an-address;10.0.0.7",
+            b"255.255.255.0",
+            b"",
+            b"",
+            0,
+        ),
+    );
+    add(
+        "set ip info: a gateway that is not one".into(),
+        set_ip(b"10.0.0.5", b"255.255.255.0", b"10.0.0.1;gw;x", b"", 0),
+    );
+    add(
+        "set ip info: a DNS server that is not one".into(),
+        set_ip(b"10.0.0.5", b"255.255.255.0", b"", b"10.0.0.2 ;x", 0),
+    );
     let mut other = dm::build_enumerate(1, 0);
     other[0] = 42;
     add("unknown operation".into(), other);
@@ -269,7 +419,8 @@ async fn replies_match_hv_kvp_daemon_byte_for_byte() {
     std::fs::create_dir_all(work.path().join("c-pools")).unwrap();
 
     // The C daemon.
-    let c = start_c_daemon(&binary, work.path());
+    let net = fake_net_dir(work.path());
+    let c = start_c_daemon(&binary, work.path(), &net);
     let reg = read(&c.conn);
     assert_eq!(reg[0], 100, "C daemon registers with REGISTER1");
     assert_eq!(
@@ -277,7 +428,15 @@ async fn replies_match_hv_kvp_daemon_byte_for_byte() {
         DAEMON_MSG_SIZE
     );
 
-    // hvisd, with the same default fact sources (real os-release, sysfs, scripts path).
+    // hvisd, with the same default fact sources (real os-release, scripts path), the same sysfs
+    // copy, and an hv_set_ifconfig that succeeds doing nothing, as the shimmed system() does.
+    let set_ifconfig = work.path().join("hv_set_ifconfig");
+    std::fs::write(&set_ifconfig, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(
+        &set_ifconfig,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let config = KvpConfig {
         pool_dir: work.path().join("hvisd-pools"),
         store: StoreOptions {
@@ -287,6 +446,8 @@ async fn replies_match_hv_kvp_daemon_byte_for_byte() {
         os: OsInfoSources::default(),
         net: NetConfig {
             config_dir: work.path().join("hvisd-pools"),
+            sysfs_net_dir: net.clone(),
+            set_ifconfig_script: set_ifconfig.clone(),
             ..NetConfig::default()
         },
     };
@@ -294,9 +455,13 @@ async fn replies_match_hv_kvp_daemon_byte_for_byte() {
     let h = common::FakeKernel::start(core);
 
     let mut mismatches = Vec::new();
+    let mut set_ip_info_statuses = Vec::new();
     for (name, req) in requests() {
         let theirs = call(&c.conn, &req);
         let ours = h.call(&req);
+        if name.starts_with("set ip info") {
+            set_ip_info_statuses.push((name.clone(), dm::error(&theirs[..]), dm::error(&ours[..])));
+        }
         let fields = [(layout::ENUM_KEY, 512), (layout::ENUM_VALUE, 2048)];
         if let Some(first) = first_difference(&theirs[..], &ours[..], &fields) {
             mismatches.push(format!(
@@ -304,6 +469,53 @@ async fn replies_match_hv_kvp_daemon_byte_for_byte() {
                 &theirs[first..(first + 16).min(DAEMON_MSG_SIZE)],
                 &ours[first..(first + 16).min(DAEMON_MSG_SIZE)]
             ));
+        }
+        if name.starts_with("set ip info ok") {
+            let theirs = std::fs::read_to_string(work.path().join("c-pools/ifcfg-hvtest0"));
+            let ours = std::fs::read_to_string(work.path().join("hvisd-pools/ifcfg-hvtest0"));
+            match (theirs, ours) {
+                (Ok(theirs), Ok(ours)) => {
+                    // Newer daemons (and hvisd) start the file with a comment line.
+                    let ours = ours.strip_prefix(IFCFG_HEADER).unwrap_or(&ours);
+                    let theirs = theirs.strip_prefix(IFCFG_HEADER).unwrap_or(&theirs);
+                    if ours != theirs {
+                        mismatches.push(format!("{name}: ifcfg C {theirs:?} hvisd {ours:?}"));
+                    }
+                }
+                (theirs, ours) => {
+                    mismatches.push(format!("{name}: ifcfg C {theirs:?} hvisd {ours:?}"))
+                }
+            }
+        }
+    }
+    // The SET_IP_INFO cases reached the interface (not HV_GUID_NOTFOUND) and ran the script
+    // exactly for the well-formed ones.
+    for (name, theirs, ours) in &set_ip_info_statuses {
+        let want_ok = name.starts_with("set ip info ok");
+        assert_eq!(*theirs == 0, want_ok, "{name}: C answered {theirs:#x}");
+        assert_eq!(*ours == 0, want_ok, "{name}: hvisd answered {ours:#x}");
+    }
+    let system_calls =
+        std::fs::read_to_string(work.path().join("c-pools/system-calls")).unwrap_or_default();
+    assert_eq!(
+        system_calls.matches("hv_set_ifconfig").count(),
+        set_ip_info_statuses
+            .iter()
+            .filter(|(n, ..)| n.starts_with("set ip info ok"))
+            .count(),
+        "{system_calls}"
+    );
+    for (name, req) in deliberate_set_ip_info_differences() {
+        let theirs = dm::error(&call(&c.conn, &req)[..]);
+        let ours = dm::error(&h.call(&req)[..]);
+        assert_eq!((theirs, ours), (0, HV_E_FAIL), "{name}");
+        let c_ifcfg =
+            std::fs::read_to_string(work.path().join("c-pools/ifcfg-hvtest0")).unwrap_or_default();
+        if name.contains("newline") {
+            assert!(
+                c_ifcfg.contains("\nDEVICE=$(touch /nonexistent/x)\n"),
+                "the C daemon writes a host's netmask raw: {c_ifcfg}"
+            );
         }
     }
     assert!(
