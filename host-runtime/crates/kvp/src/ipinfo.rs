@@ -15,7 +15,7 @@
 //! * the interface name from sysfs is 1 to 15 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`;
 //!   its MAC address is hex pairs separated by `:`.
 //!
-//! A request failing any check is refused with ONE log line naming the field and showing the
+//! A request failing any check is refused with one log line naming the field and showing the
 //! value escaped. Where `hv_kvp_daemon` itself refuses (an address that is not one:
 //! `HV_INVALIDARG`; an IPv4 address whose subnet is not dotted: `0xffffffff`) hvisd answers the
 //! same status; what the C daemon would have written (a netmask that is not a mask, an odd
@@ -241,12 +241,12 @@ impl IpConfigQueries {
             };
         }
         let ip = cfg.ip_command();
+        if ip.is_none() {
+            tracing::warn!(candidates = ?IP_COMMAND_CANDIDATES, "KVP GET_IP_INFO: no ip command; no gateway data");
+        }
         let route = |args: &[&str]| match &ip {
             Some(ip) => default_gateways(&query_output(cfg, ip, args)),
-            None => {
-                tracing::warn!(candidates = ?IP_COMMAND_CANDIDATES, "KVP GET_IP_INFO: no ip command; no gateway data");
-                Vec::new()
-            }
+            None => Vec::new(),
         };
         IpConfigQueries {
             gateways_v4: route(&["route", "show", "dev", if_name]),
@@ -711,50 +711,41 @@ fn process_ip_string(
     let (mut i, mut j) = (0u32, 0u32);
     let mut offset = 0;
     while let Some(piece) = next_piece(field, &mut offset, which)? {
-        let (name, sub, value);
-        match parse_entry(&piece, which)? {
-            IpEntry::V4(addr) => {
-                name = match which {
-                    IpField::Address => "IPADDR",
-                    IpField::Netmask => "NETMASK",
-                    IpField::Gateway => "GATEWAY",
-                    IpField::Dns => "DNS",
-                };
-                sub = if which == IpField::Dns {
-                    i += 1;
-                    i.to_string()
-                } else if which == IpField::Gateway && i == 0 {
-                    i += 1;
-                    String::new()
-                } else {
-                    i += 1;
-                    (i - 1).to_string()
-                };
-                value = addr;
+        let (v4, value) = match parse_entry(&piece, which)? {
+            IpEntry::V4(addr) => (true, addr),
+            IpEntry::V6(_, expanded) => (false, expanded),
+            // `expand_ipv6` leaves a NETMASK it cannot parse as it is, under the IPv6 name.
+            IpEntry::Prefix(prefix) => (false, prefix),
+        };
+        let name = match (v4, which) {
+            (true, IpField::Address) => "IPADDR",
+            (true, IpField::Netmask) => "NETMASK",
+            (true, IpField::Gateway) => "GATEWAY",
+            (false, IpField::Address) => "IPV6ADDR",
+            (false, IpField::Netmask) => "IPV6NETMASK",
+            (false, IpField::Gateway) => "IPV6_DEFAULTGW",
+            (_, IpField::Dns) => "DNS",
+        };
+        // The C daemon's numbering: DNS1.. across both families; IPv4 from 0 (a first gateway
+        // unnumbered); IPv6 unnumbered first, then _1, _2...
+        let sub = if which == IpField::Dns {
+            i += 1;
+            i.to_string()
+        } else if v4 {
+            i += 1;
+            if which == IpField::Gateway && i == 1 {
+                String::new()
+            } else {
+                (i - 1).to_string()
             }
-            entry @ (IpEntry::V6(..) | IpEntry::Prefix(_)) => {
-                name = match which {
-                    IpField::Address => "IPV6ADDR",
-                    IpField::Netmask => "IPV6NETMASK",
-                    IpField::Gateway => "IPV6_DEFAULTGW",
-                    IpField::Dns => "DNS",
-                };
-                sub = if which == IpField::Dns {
-                    i += 1;
-                    i.to_string()
-                } else if j == 0 {
-                    j += 1;
-                    String::new()
-                } else {
-                    j += 1;
-                    format!("_{}", j - 1)
-                };
-                value = match entry {
-                    IpEntry::V6(_, expanded) => expanded,
-                    IpEntry::Prefix(p) | IpEntry::V4(p) => p,
-                };
+        } else {
+            j += 1;
+            if j == 1 {
+                String::new()
+            } else {
+                format!("_{}", j - 1)
             }
-        }
+        };
         out.push_str(&format!("{name}{sub}={value}\n"));
     }
     Ok(())

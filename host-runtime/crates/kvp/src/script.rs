@@ -9,8 +9,8 @@
 //! Descriptors: Rust's standard library, tokio and hvisd's own code open every descriptor
 //! close-on-exec, so the child starts with 0, 1 and 2 only. A descriptor inherited *into* hvisd
 //! without close-on-exec (a careless parent) would pass on; closing those in the child needs a
-//! `pre_exec` hook, which is `unsafe` and so belongs in `hvisd-sys`. Until then [`run`] names such
-//! descriptors in a warning (once per process).
+//! `pre_exec` hook, which is `unsafe` and so belongs in `hvisd-sys`. Until then the first [`run`]
+//! names such descriptors in a warning.
 //!
 //! A program that exits while something it started still holds its stdout or stderr is still
 //! running as far as [`run`] is concerned: it waits for the pipes to close, and at the deadline the
@@ -22,7 +22,7 @@ use std::io::{self, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
@@ -325,18 +325,18 @@ fn inheritable_descriptors() -> Vec<u32> {
     leaks
 }
 
+/// Descriptors are inherited into hvisd at its start, so one look (at the first run) finds them.
 fn warn_once_about_inheritable_descriptors() {
-    static WARNED: AtomicBool = AtomicBool::new(false);
-    if WARNED.load(Ordering::Relaxed) {
-        return;
-    }
-    let leaks = inheritable_descriptors();
-    if !leaks.is_empty() && !WARNED.swap(true, Ordering::Relaxed) {
-        tracing::warn!(
-            descriptors = ?leaks,
-            "KVP helper programs will inherit descriptors hvisd was started with (not close-on-exec)"
-        );
-    }
+    static CHECKED: Once = Once::new();
+    CHECKED.call_once(|| {
+        let leaks = inheritable_descriptors();
+        if !leaks.is_empty() {
+            tracing::warn!(
+                descriptors = ?leaks,
+                "KVP helper programs will inherit descriptors hvisd was started with (not close-on-exec)"
+            );
+        }
+    });
 }
 
 /// Untrusted bytes for a log line: printable ASCII is kept, everything else (control characters,
