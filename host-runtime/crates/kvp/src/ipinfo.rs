@@ -12,8 +12,8 @@
 //! * every `sub_net` entry is a contiguous dotted IPv4 mask, an IPv6 prefix length (1 to 3 digits,
 //!   0 to 128, what the keyfile code's `atoi` reads), or an IPv6 address (which `hv_kvp_daemon`
 //!   also accepts there);
-//! * the interface name from sysfs is 1 to 15 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`;
-//!   its MAC address is hex pairs separated by `:`.
+//! * the interface name from sysfs is 1 to 15 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`,
+//!   without `..`; its MAC address is 6 to 32 hex pairs separated by `:`.
 //!
 //! A request failing any check is refused with one log line naming the field and showing the
 //! value escaped. Where `hv_kvp_daemon` itself refuses (an address that is not one:
@@ -575,15 +575,15 @@ fn set_ip_info_inner(cfg: &NetConfig, msg: &mut [u8]) -> Result<(), SetIpInfoErr
 }
 
 /// Interface names hvisd puts into file names, file contents and helper arguments: 1 to 15 bytes
-/// of ASCII letters, digits, `_`, `.` and `-`, not starting with `.` or `-` (so never `.`, `..`,
-/// a hidden file or an option). Every name Hyper-V guests use (`eth0`, `enP1234s1`, `enx...`) is
+/// of ASCII letters, digits, `_`, `.` and `-`, not starting with `.` or `-` and without `..` (so
+/// never `.`, `..`, a hidden file or an option). Every name Hyper-V guests use (`eth0`, `enP1234s1`, `enx...`) is
 /// one. `Err` says what is wrong.
 fn check_interface_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() || name.len() > MAX_IF_NAME {
         return Err("not 1 to 15 bytes long");
     }
-    if name.starts_with(['.', '-']) {
-        return Err("starts with '.' or '-'");
+    if name.starts_with(['.', '-']) || name.contains("..") {
+        return Err("starts with '.' or '-', or has '..'");
     }
     if !name
         .bytes()
@@ -1257,6 +1257,9 @@ mod tests {
             ("eth$(id)", "00:15:5d:aa:bb:cc"),
             ("a b", "00:15:5d:aa:bb:cc"),
             ("..x", "00:15:5d:aa:bb:cc"),
+            ("a..b", "00:15:5d:aa:bb:cc"),
+            ("eth0", "00:15:5d:aa:bb:cc:"),
+            ("abcdefghijklmnop", "00:15:5d:aa:bb:cc"),
             ("-eth0", "00:15:5d:aa:bb:cc"),
             ("eth\u{1b}0", "00:15:5d:aa:bb:cc"),
             ("eth9", "00:15:5d:aa:bb:cc IPADDR=1.2.3.4"),
