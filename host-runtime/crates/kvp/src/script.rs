@@ -26,7 +26,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
-use rustix::process::{Pid, PidfdFlags, Signal};
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 
 /// Default cap on each of stdout and stderr (bytes kept; the rest is read and dropped).
 pub const DEFAULT_MAX_OUTPUT: usize = 64 * 1024;
@@ -134,6 +134,7 @@ pub fn run<S: AsRef<OsStr>>(
         })?;
     let mut running = Running {
         child,
+        exited: false,
         reaped: None,
         finished: false,
     };
@@ -161,7 +162,10 @@ pub fn run<S: AsRef<OsStr>>(
 /// already ended on its own.
 struct Running {
     child: Child,
-    /// Set by `try_wait` once the child has exited and been reaped.
+    /// The child has exited (seen with `WNOWAIT`: it stays a zombie, so its pid, which is also its
+    /// process group's id, cannot be reused until it is reaped after the group is killed).
+    exited: bool,
+    /// Its status, once reaped.
     reaped: Option<ExitStatus>,
     /// The child exited and both pipes closed before the deadline.
     finished: bool,
@@ -178,11 +182,21 @@ impl Running {
         let (mut out, mut err) = (Capture::new(max_output), Capture::new(max_output));
         let pidfd = Pid::from_raw(self.child.id() as i32)
             .and_then(|pid| rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok());
+        let pid = Pid::from_raw(self.child.id() as i32);
         loop {
-            if self.reaped.is_none() {
-                self.reaped = self.child.try_wait()?;
+            if !self.exited {
+                self.exited = match pid {
+                    Some(pid) => rustix::process::waitid(
+                        WaitId::Pid(pid),
+                        WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+                    )?
+                    .is_some(),
+                    None => false,
+                };
             }
-            if let (None, None, Some(status)) = (&stdout, &stderr, self.reaped) {
+            if stdout.is_none() && stderr.is_none() && self.exited {
+                let status = self.child.wait()?;
+                self.reaped = Some(status);
                 self.finished = true;
                 return Ok(Some((
                     status,
@@ -205,7 +219,7 @@ impl Running {
                 if let Some(p) = &stderr {
                     fds.push(PollFd::new(p, PollFlags::IN));
                 }
-                if self.reaped.is_none() {
+                if !self.exited {
                     match &pidfd {
                         Some(p) => fds.push(PollFd::new(p, PollFlags::IN)),
                         None => wait = wait.min(EXIT_POLL_INTERVAL),
@@ -244,8 +258,8 @@ impl Drop for Running {
             return;
         }
         if let Some(pgid) = Pid::from_raw(self.child.id() as i32) {
-            // The group id stays reserved while any member lives, even after the leader is
-            // reaped, so this cannot reach an unrelated process.
+            // The leader is not reaped yet (at most a zombie), so its group id still names its
+            // group and cannot reach an unrelated process.
             let _ = rustix::process::kill_process_group(pgid, Signal::KILL);
         }
         if self.reaped.is_none() {
@@ -386,17 +400,18 @@ mod tests {
         let p = script(
             d.path(),
             "hang",
-            &format!("(sleep 2; touch {}) &\nsleep 30", marker.display()),
+            &format!("(sleep 3; touch {}) &\nsleep 30", marker.display()),
         );
         let start = Instant::now();
         let e = run(&p, &[] as &[&str], Duration::from_millis(300), 1024).unwrap_err();
         assert!(matches!(e, ScriptError::TimedOut { .. }), "{e}");
+        // Killed well before the background child would have touched the marker.
         assert!(
-            start.elapsed() < Duration::from_secs(2),
+            start.elapsed() < Duration::from_millis(2500),
             "{:?}",
             start.elapsed()
         );
-        std::thread::sleep(Duration::from_millis(2500));
+        std::thread::sleep(Duration::from_millis(3500).saturating_sub(start.elapsed()));
         assert!(
             !marker.exists(),
             "a child of the hung program outlived the kill"
@@ -410,7 +425,7 @@ mod tests {
         let start = Instant::now();
         let e = run(&p, &[] as &[&str], Duration::from_millis(300), 1024).unwrap_err();
         assert!(matches!(e, ScriptError::TimedOut { .. }), "{e}");
-        assert!(start.elapsed() < Duration::from_secs(2));
+        assert!(start.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
