@@ -20,6 +20,7 @@ pub mod intrinsic;
 pub mod ipinfo;
 pub mod kernel;
 pub mod pool;
+pub mod script;
 pub mod store;
 pub mod vmbus;
 

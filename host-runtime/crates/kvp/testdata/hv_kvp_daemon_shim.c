@@ -1,8 +1,11 @@
-/* LD_PRELOAD shim for running Debian's hv_kvp_daemon without Hyper-V (tests and `hvisd bench kvp`):
- * its open("/dev/vmbus/hv_kvp") becomes a connect to the SOCK_SEQPACKET socket named by
- * HVISD_SHIM_SOCKET, and /var/lib/hyperv paths are rewritten into HVISD_SHIM_POOL_DIR.
+/* LD_PRELOAD shim for running Debian's hv_kvp_daemon without Hyper-V (the differential test and
+ * `hvisd bench kvp`): its open("/dev/vmbus/hv_kvp") becomes a connect to the SOCK_SEQPACKET socket
+ * named by HVISD_SHIM_SOCKET, /var/lib/hyperv paths are rewritten into HVISD_SHIM_POOL_DIR and
+ * /sys/class/net into HVISD_SHIM_NET_DIR (when set), and system() (only SET_IP_INFO calls it, to run
+ * hv_set_ifconfig) records the command in $HVISD_SHIM_POOL_DIR/system-calls and runs nothing.
  * Nothing else of the daemon changes. Build: cc -shared -fPIC -O1 -o shim.so shim.c -ldl */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -14,15 +17,41 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-static const char *map(const char *path, char *buf, size_t n) {
-    const char *dir = getenv("HVISD_SHIM_POOL_DIR");
-    const char *prefix = "/var/lib/hyperv";
+static const char *map_one(const char *path, const char *prefix, const char *env, char *buf,
+                           size_t n) {
+    const char *dir = getenv(env);
     size_t l = strlen(prefix);
     if (dir && strncmp(path, prefix, l) == 0 && (path[l] == 0 || path[l] == '/')) {
         snprintf(buf, n, "%s%s", dir, path + l);
         return buf;
     }
-    return path;
+    return NULL;
+}
+
+static const char *map(const char *path, char *buf, size_t n) {
+    const char *m = map_one(path, "/var/lib/hyperv", "HVISD_SHIM_POOL_DIR", buf, n);
+    if (!m) m = map_one(path, "/sys/class/net", "HVISD_SHIM_NET_DIR", buf, n);
+    return m ? m : path;
+}
+
+DIR *opendir(const char *path) {
+    static DIR *(*real)(const char *);
+    char buf[4096];
+    if (!real) real = dlsym(RTLD_NEXT, "opendir");
+    return real(map(path, buf, sizeof buf));
+}
+
+/* Only kvp_set_ip_info calls system() (to run hv_set_ifconfig): record it, run nothing. */
+int system(const char *cmd) {
+    char path[4096];
+    FILE *f;
+    snprintf(path, sizeof path, "%s/system-calls", getenv("HVISD_SHIM_POOL_DIR"));
+    f = fopen(path, "a");
+    if (f) {
+        fprintf(f, "%s\n", cmd);
+        fclose(f);
+    }
+    return 0;
 }
 
 int open(const char *path, int flags, ...) {

@@ -38,8 +38,12 @@ pub const MAX_GATEWAY_SIZE: usize = 512;
 pub const REG_SZ: u32 = 1;
 /// Value type: a 32-bit number.
 pub const REG_U32: u32 = 4;
-/// Value type: a 64-bit number.
+/// Value type: a 64-bit number, as Linux's `hyperv.h` numbers it.
 pub const REG_U64: u32 = 8;
+/// Value type: a 64-bit number, as Windows' registry numbers it (`REG_QWORD`). OpenVMM's host
+/// side sends this for the same thing Linux calls [`REG_U64`], so a SET carrying it is read as
+/// [`KvpValue::U64`] (and built back as `REG_U64`, the only 64-bit type Linux knows).
+pub const REG_QWORD: u32 = 11;
 
 /// `addr_family`: nothing.
 pub const ADDR_FAMILY_NONE: u8 = 0;
@@ -264,8 +268,10 @@ pub enum KvpWireError {
         /// `value_size` as sent.
         size: u32,
     },
-    /// A SET with a value type other than REG_SZ, REG_U32, REG_U64.
-    #[error("KVP SET from host: value_type {0} is not REG_SZ (1), REG_U32 (4) or REG_U64 (8)")]
+    /// A SET with a value type other than REG_SZ, REG_U32, REG_U64 or REG_QWORD.
+    #[error(
+        "KVP SET from host: value_type {0} is not REG_SZ (1), REG_U32 (4), REG_U64 (8) or REG_QWORD (11)"
+    )]
     BadValueType(u32),
     /// An operation outside GET..SET_IP_INFO.
     #[error("KVP from host: unknown operation {0}")]
@@ -293,7 +299,8 @@ pub enum KvpValue {
     String(Vec<u16>),
     /// REG_U32.
     U32(u32),
-    /// REG_U64.
+    /// REG_U64 (8, Linux's number) or REG_QWORD (11, the Windows registry's, which OpenVMM's
+    /// host sends).
     U64(u64),
 }
 
@@ -413,7 +420,7 @@ impl KvpRequest {
                         ))
                     }
                     REG_U32 => KvpValue::U32(read_u32(body, layout::GETSET_VALUE)),
-                    REG_U64 => KvpValue::U64(read_u64(body, layout::GETSET_VALUE)),
+                    REG_U64 | REG_QWORD => KvpValue::U64(read_u64(body, layout::GETSET_VALUE)),
                     other => return Err(KvpWireError::BadValueType(other)),
                 };
                 Ok(KvpRequest::Set { pool, key, value })
@@ -611,7 +618,7 @@ impl KvpReplyView {
             let key = String::from_utf16_lossy(&units_until_nul(&body[key_off..key_off + 2 * ks]));
             let value = match value_type {
                 REG_U32 => read_u32(body, value_off).to_string(),
-                REG_U64 => read_u64(body, value_off).to_string(),
+                REG_U64 | REG_QWORD => read_u64(body, value_off).to_string(),
                 _ => {
                     String::from_utf16_lossy(&units_until_nul(&body[value_off..value_off + 2 * vs]))
                 }
@@ -862,6 +869,35 @@ mod tests {
         assert_eq!(body.len(), layout::GETSET_LEN);
         assert_eq!(read_u32(&body, layout::GETSET_KEY_SIZE), 8);
         assert_eq!(KvpRequest::parse(&body).unwrap(), req);
+    }
+
+    #[test]
+    fn set_with_reg_qword_11_is_read_as_u64_like_reg_u64_8() {
+        let mut body = KvpRequest::Set {
+            pool: 0,
+            key: u16s("Counter"),
+            value: KvpValue::U64(0x0123_4567_89ab_cdef),
+        }
+        .build();
+        assert_eq!(read_u32(&body, layout::GETSET_VALUE_TYPE), REG_U64);
+        let as_u64 = KvpRequest::parse(&body).unwrap();
+        write_u32(&mut body, layout::GETSET_VALUE_TYPE, REG_QWORD);
+        let as_qword = KvpRequest::parse(&body).unwrap();
+        assert_eq!(as_qword, as_u64);
+        assert!(matches!(
+            as_qword,
+            KvpRequest::Set {
+                value: KvpValue::U64(0x0123_4567_89ab_cdef),
+                ..
+            }
+        ));
+        for other in [0, 2, 3, 7, 9, 10, 12] {
+            write_u32(&mut body, layout::GETSET_VALUE_TYPE, other);
+            assert_eq!(
+                KvpRequest::parse(&body),
+                Err(KvpWireError::BadValueType(other))
+            );
+        }
     }
 
     #[test]
