@@ -252,8 +252,8 @@ impl KvpCore {
     /// `key_size` and `value_size` of a GET/SET, checked as `kvp_key_add_or_modify` and
     /// `kvp_get_value` check them (past the fields: HV_S_CONT), plus key_size 0.
     fn exchange_sizes(op: KvpOperation, msg: &DaemonMessage) -> Result<(usize, usize), u32> {
-        let ks = Self::key_arg(op, dm_u32(msg, layout::SET_KEY_SIZE), HV_S_CONT)?;
-        let value_size = dm_u32(msg, layout::SET_VALUE_SIZE);
+        let ks = Self::key_arg(op, dm::msg_u32::<{ layout::SET_KEY_SIZE }>(msg), HV_S_CONT)?;
+        let value_size = dm::msg_u32::<{ layout::SET_VALUE_SIZE }>(msg);
         if value_size as usize > MAX_VALUE_SIZE {
             hvisd_protocol::throttled!(
                 warn,
@@ -341,7 +341,7 @@ impl KvpCore {
     }
 
     async fn delete(&self, pool: Pool, msg: &mut DaemonMessage) -> Result<u32, StoreError> {
-        let key_size = dm_u32(msg, layout::DELETE_KEY_SIZE);
+        let key_size = dm::msg_u32::<{ layout::DELETE_KEY_SIZE }>(msg);
         let ks = match Self::key_arg(KvpOperation::DELETE, key_size, HV_S_CONT) {
             Ok(k) => k,
             Err(s) => return Ok(s),
@@ -380,7 +380,7 @@ impl KvpCore {
     }
 
     async fn enumerate(&self, pool: Pool, msg: &mut DaemonMessage) -> Result<u32, StoreError> {
-        let index = dm_u32(msg, layout::ENUM_INDEX);
+        let index = dm::msg_u32::<{ layout::ENUM_INDEX }>(msg);
         if index > i32::MAX as u32 {
             hvisd_protocol::throttled!(
                 warn,
@@ -435,7 +435,7 @@ impl KvpCore {
     }
 
     fn enumerate_auto(&self, msg: &mut DaemonMessage) -> u32 {
-        let index = dm_u32(msg, layout::ENUM_INDEX);
+        let index = dm::msg_u32::<{ layout::ENUM_INDEX }>(msg);
         let Some(&name) = intrinsic::INTRINSIC_KEYS.get(index as usize) else {
             return HV_S_CONT;
         };
@@ -468,8 +468,4 @@ impl KvpCore {
         );
         0
     }
-}
-
-fn dm_u32(msg: &DaemonMessage, off: usize) -> u32 {
-    hvisd_protocol::kvp::read_u32(&msg[..], off)
 }

@@ -6,11 +6,9 @@
 //!
 //! The program must be named by an absolute path: nothing is looked up through `PATH`.
 //!
-//! Descriptors: Rust's standard library, tokio and hvisd's own code open every descriptor
-//! close-on-exec, so the child starts with 0, 1 and 2 only. A descriptor inherited *into* hvisd
-//! without close-on-exec (a careless parent) would pass on; closing those in the child needs a
-//! `pre_exec` hook, which is `unsafe` and so belongs in `hvisd-sys`. Until then the first [`run`]
-//! names such descriptors in a warning.
+//! Descriptors: the child starts with 0, 1 and 2 only. hvisd opens everything close-on-exec, and
+//! anything it inherited without (a careless parent) is marked close-on-exec in the child before
+//! the exec (`hvisd_sys::process::inherit_only_stdio`).
 //!
 //! A program that exits while something it started still holds its stdout or stderr is still
 //! running as far as [`run`] is concerned: it waits for the pipes to close, and at the deadline the
@@ -22,7 +20,6 @@ use std::io::{self, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
@@ -120,8 +117,9 @@ pub fn run<S: AsRef<OsStr>>(
             program: program.to_path_buf(),
         });
     }
-    warn_once_about_inheritable_descriptors();
-    let child = std::process::Command::new(program)
+    let mut cmd = std::process::Command::new(program);
+    hvisd_sys::process::inherit_only_stdio(&mut cmd);
+    let child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -305,68 +303,9 @@ impl Capture {
     }
 }
 
-/// Descriptors above 2 that a child would inherit (no close-on-exec), from `/proc/self/fdinfo`.
-fn inheritable_descriptors() -> Vec<u32> {
-    const O_CLOEXEC_OCTAL: u32 = 0o2000000;
-    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
-        return Vec::new();
-    };
-    let mut leaks = Vec::new();
-    for entry in dir.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if fd <= 2 {
-            continue;
-        }
-        // The descriptor read_dir itself holds is close-on-exec; one closed meanwhile has no file.
-        let Ok(info) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        let flags = info
-            .lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok());
-        if flags.is_some_and(|f| f & O_CLOEXEC_OCTAL == 0) {
-            leaks.push(fd);
-        }
-    }
-    leaks.sort_unstable();
-    leaks
-}
-
-/// Descriptors are inherited into hvisd at its start, so one look (at the first run) finds them.
-fn warn_once_about_inheritable_descriptors() {
-    static CHECKED: Once = Once::new();
-    CHECKED.call_once(|| {
-        let leaks = inheritable_descriptors();
-        if !leaks.is_empty() {
-            tracing::warn!(
-                descriptors = ?leaks,
-                "KVP helper programs will inherit descriptors hvisd was started with (not close-on-exec)"
-            );
-        }
-    });
-}
-
-/// Untrusted bytes for a log line: printable ASCII is kept, everything else (control characters,
-/// non-ASCII bytes, backslash and quotes) is escaped as `\n`, `\x1b`, `\xc3`, `\"`..., and the
-/// result is cut to at most `max` characters, `...` marking a cut.
+/// Untrusted bytes for a log line, escaped and cut (see `hvisd_protocol::text`).
 pub fn escape_for_log(bytes: &[u8], max: usize) -> String {
-    let mut out = String::new();
-    for &b in bytes {
-        let piece: String = std::ascii::escape_default(b).map(char::from).collect();
-        if out.len() + piece.len() > max.saturating_sub(3) {
-            out.push_str("...");
-            return out;
-        }
-        out.push_str(&piece);
-    }
-    out
+    hvisd_protocol::text::escape_bytes(bytes, max)
 }
 
 #[cfg(test)]
@@ -471,15 +410,10 @@ mod tests {
             .filter_map(|l| l.split(" -> ").next()?.rsplit(' ').next()?.parse().ok())
             .collect();
         assert!([0, 1, 2].iter().all(|fd| fds.contains(fd)), "{listing}");
-        // 0-2, the one `ls` opens to list the directory, and whatever the test harness started
-        // this process with that is not close-on-exec (the case the module docs describe).
-        let inherited = inheritable_descriptors();
-        let unexpected: Vec<u32> = fds
-            .iter()
-            .copied()
-            .filter(|fd| *fd > 2 && !inherited.contains(fd))
-            .collect();
-        assert!(unexpected.len() <= 1, "{fds:?} (inherited: {inherited:?})");
+        // 0-2 and the one `ls` opens to list the directory: nothing inherited, not even what the
+        // test harness started this process with.
+        let unexpected: Vec<u32> = fds.iter().copied().filter(|fd| *fd > 2).collect();
+        assert!(unexpected.len() <= 1, "{fds:?}");
     }
 
     #[test]
@@ -503,12 +437,13 @@ mod tests {
 
     #[test]
     fn log_escaping_shows_control_and_non_ascii_bytes_and_cuts() {
-        assert_eq!(
-            escape_for_log(b"a\n$(touch x)\x1b\xc3\xa9`", 80),
-            "a\\n$(touch x)\\x1b\\xc3\\xa9`"
-        );
+        let shown = escape_for_log(b"a\n$(touch x)\x1b\xc3\xa9`", 80);
+        assert!(!shown.contains('\n') && !shown.contains('\x1b'), "{shown}");
+        assert!(shown.starts_with("a\\n$(touch x)\\u{1b}"), "{shown}");
         let long = escape_for_log(&[b'1'; 200], 80);
-        assert_eq!(long.len(), 80);
-        assert!(long.ends_with("..."));
+        assert!(
+            long.starts_with(&"1".repeat(80)) && long.contains("more bytes"),
+            "{long}"
+        );
     }
 }

@@ -394,16 +394,25 @@ impl KvpRequest {
                 Ok(())
             }
         };
+        // Every field below lies inside the length `need` checked first; a missing one is a
+        // truncated body all the same, never a silent 0.
+        let u32_at = |off: usize| {
+            read_u32(body, off).ok_or(KvpWireError::Truncated {
+                op,
+                need: off + 4,
+                got: body.len(),
+            })
+        };
         match op {
             KvpOperation::GET | KvpOperation::SET => {
                 need(layout::GETSET_LEN)?;
-                let key_size = read_u32(body, layout::GETSET_KEY_SIZE);
+                let key_size = u32_at(layout::GETSET_KEY_SIZE)?;
                 let key = key_units(op, body, layout::GETSET_KEY, key_size)?;
                 if op == KvpOperation::GET {
                     return Ok(KvpRequest::Get { pool, key });
                 }
-                let value_type = read_u32(body, layout::GETSET_VALUE_TYPE);
-                let value_size = read_u32(body, layout::GETSET_VALUE_SIZE);
+                let value_type = u32_at(layout::GETSET_VALUE_TYPE)?;
+                let value_size = u32_at(layout::GETSET_VALUE_SIZE)?;
                 let value = match value_type {
                     REG_SZ => {
                         if value_size as usize > MAX_VALUE_SIZE {
@@ -419,15 +428,21 @@ impl KvpRequest {
                             &body[layout::GETSET_VALUE..layout::GETSET_VALUE + 2 * units],
                         ))
                     }
-                    REG_U32 => KvpValue::U32(read_u32(body, layout::GETSET_VALUE)),
-                    REG_U64 | REG_QWORD => KvpValue::U64(read_u64(body, layout::GETSET_VALUE)),
+                    REG_U32 => KvpValue::U32(u32_at(layout::GETSET_VALUE)?),
+                    REG_U64 | REG_QWORD => KvpValue::U64(
+                        read_u64(body, layout::GETSET_VALUE).ok_or(KvpWireError::Truncated {
+                            op,
+                            need: layout::GETSET_VALUE + 8,
+                            got: body.len(),
+                        })?,
+                    ),
                     other => return Err(KvpWireError::BadValueType(other)),
                 };
                 Ok(KvpRequest::Set { pool, key, value })
             }
             KvpOperation::DELETE => {
                 need(layout::DELETE_LEN)?;
-                let key_size = read_u32(body, layout::DELETE_KEY_SIZE);
+                let key_size = u32_at(layout::DELETE_KEY_SIZE)?;
                 let key = key_units(op, body, layout::DELETE_KEY, key_size)?;
                 Ok(KvpRequest::Delete { pool, key })
             }
@@ -435,7 +450,7 @@ impl KvpRequest {
                 need(layout::ENUM_LEN)?;
                 Ok(KvpRequest::Enumerate {
                     pool,
-                    index: read_u32(body, layout::ENUM_INDEX),
+                    index: u32_at(layout::ENUM_INDEX)?,
                 })
             }
             KvpOperation::GET_IP_INFO | KvpOperation::SET_IP_INFO => {
@@ -611,44 +626,52 @@ impl KvpReplyView {
                 Ok(())
             }
         };
-        let entry = |type_off, ksize_off, vsize_off, key_off, value_off| {
-            let value_type = read_u32(body, type_off);
-            let ks = (read_u32(body, ksize_off) as usize).min(MAX_KEY_SIZE) / 2;
-            let vs = (read_u32(body, vsize_off) as usize).min(MAX_VALUE_SIZE) / 2;
-            let key = String::from_utf16_lossy(&units_until_nul(&body[key_off..key_off + 2 * ks]));
+        let truncated = |need: usize| KvpWireError::Truncated {
+            op,
+            need,
+            got: body.len(),
+        };
+        let entry = |type_off, ksize_off, vsize_off, key_off: usize, value_off: usize| {
+            let u32_at = |off: usize| read_u32(body, off).ok_or(truncated(off + 4));
+            let value_type = u32_at(type_off)?;
+            let ks = (u32_at(ksize_off)? as usize).min(MAX_KEY_SIZE) / 2;
+            let vs = (u32_at(vsize_off)? as usize).min(MAX_VALUE_SIZE) / 2;
+            let slice =
+                |off: usize, len: usize| body.get(off..off + len).ok_or(truncated(off + len));
+            let key = String::from_utf16_lossy(&units_until_nul(slice(key_off, 2 * ks)?));
             let value = match value_type {
-                REG_U32 => read_u32(body, value_off).to_string(),
-                REG_U64 | REG_QWORD => read_u64(body, value_off).to_string(),
-                _ => {
-                    String::from_utf16_lossy(&units_until_nul(&body[value_off..value_off + 2 * vs]))
-                }
+                REG_U32 => u32_at(value_off)?.to_string(),
+                REG_U64 | REG_QWORD => read_u64(body, value_off)
+                    .ok_or(truncated(value_off + 8))?
+                    .to_string(),
+                _ => String::from_utf16_lossy(&units_until_nul(slice(value_off, 2 * vs)?)),
             };
-            KvpReplyView::Entry {
+            Ok(KvpReplyView::Entry {
                 value_type,
                 key,
                 value,
-            }
+            })
         };
         match op {
             KvpOperation::ENUMERATE => {
                 need(layout::ENUM_LEN)?;
-                Ok(entry(
+                entry(
                     layout::ENUM_VALUE_TYPE,
                     layout::ENUM_KEY_SIZE,
                     layout::ENUM_VALUE_SIZE,
                     layout::ENUM_KEY,
                     layout::ENUM_VALUE,
-                ))
+                )
             }
             KvpOperation::GET => {
                 need(layout::GETSET_LEN)?;
-                Ok(entry(
+                entry(
                     layout::GETSET_VALUE_TYPE,
                     layout::GETSET_KEY_SIZE,
                     layout::GETSET_VALUE_SIZE,
                     layout::GETSET_KEY,
                     layout::GETSET_VALUE,
-                ))
+                )
             }
             KvpOperation::GET_IP_INFO => match KvpRequest::parse(body)? {
                 KvpRequest::GetIpInfo(info) => Ok(KvpReplyView::IpInfo(info)),
@@ -700,21 +723,16 @@ fn put_units(body: &mut [u8], off: usize, cap: usize, units: &[u16]) -> usize {
     n
 }
 
-/// Reads a little-endian u32 at `off`, 0 if out of range.
-pub fn read_u32(b: &[u8], off: usize) -> u32 {
-    b.get(off..off + 4)
-        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-        .unwrap_or(0)
+/// The little-endian u32 at `off`, or `None` if `b` ends before it (never a silent 0).
+pub fn read_u32(b: &[u8], off: usize) -> Option<u32> {
+    let bytes = b.get(off..off.checked_add(4)?)?;
+    Some(u32::from_le_bytes(bytes.try_into().ok()?))
 }
 
-fn read_u64(b: &[u8], off: usize) -> u64 {
-    b.get(off..off + 8)
-        .map(|s| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(s);
-            u64::from_le_bytes(a)
-        })
-        .unwrap_or(0)
+/// The little-endian u64 at `off`, or `None` if `b` ends before it.
+pub fn read_u64(b: &[u8], off: usize) -> Option<u64> {
+    let bytes = b.get(off..off.checked_add(8)?)?;
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
 }
 
 /// Writes a little-endian u32 at `off`; out of range is ignored.
@@ -852,6 +870,16 @@ fn utf8_to_utf32(s: &[u8]) -> Option<(u32, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integers_past_the_end_are_none_never_a_silent_zero() {
+        assert_eq!(read_u32(&[1, 0, 0, 0], 0), Some(1));
+        assert_eq!(read_u32(&[1, 2, 3], 0), None);
+        assert_eq!(read_u32(&[0; 8], 6), None);
+        assert_eq!(read_u32(&[0; 8], usize::MAX - 1), None);
+        assert_eq!(read_u64(&[0; 7], 0), None);
+        assert_eq!(read_u64(&[9, 0, 0, 0, 0, 0, 0, 0], 0), Some(9));
+    }
     use proptest::prelude::*;
 
     fn u16s(s: &str) -> Vec<u16> {
@@ -867,7 +895,7 @@ mod tests {
         };
         let body = req.build();
         assert_eq!(body.len(), layout::GETSET_LEN);
-        assert_eq!(read_u32(&body, layout::GETSET_KEY_SIZE), 8);
+        assert_eq!(read_u32(&body, layout::GETSET_KEY_SIZE), Some(8));
         assert_eq!(KvpRequest::parse(&body).unwrap(), req);
     }
 
@@ -879,7 +907,7 @@ mod tests {
             value: KvpValue::U64(0x0123_4567_89ab_cdef),
         }
         .build();
-        assert_eq!(read_u32(&body, layout::GETSET_VALUE_TYPE), REG_U64);
+        assert_eq!(read_u32(&body, layout::GETSET_VALUE_TYPE), Some(REG_U64));
         let as_u64 = KvpRequest::parse(&body).unwrap();
         write_u32(&mut body, layout::GETSET_VALUE_TYPE, REG_QWORD);
         let as_qword = KvpRequest::parse(&body).unwrap();
@@ -947,8 +975,8 @@ mod tests {
     fn enumerate_reply_sizes_count_the_terminator() {
         let mut body = KvpRequest::Enumerate { pool: 1, index: 0 }.build();
         assert!(write_enumerate_reply(&mut body, &u16s("ab"), &u16s("xyz")));
-        assert_eq!(read_u32(&body, layout::ENUM_KEY_SIZE), 6);
-        assert_eq!(read_u32(&body, layout::ENUM_VALUE_SIZE), 8);
+        assert_eq!(read_u32(&body, layout::ENUM_KEY_SIZE), Some(6));
+        assert_eq!(read_u32(&body, layout::ENUM_VALUE_SIZE), Some(8));
         assert_eq!(
             KvpReplyView::parse(KvpOperation::ENUMERATE, &body).unwrap(),
             KvpReplyView::Entry {

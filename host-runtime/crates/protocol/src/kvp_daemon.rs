@@ -188,9 +188,9 @@ pub struct DaemonIpInfo {
 impl DaemonRequest {
     /// Parses one message read from the device.
     pub fn parse(msg: &[u8]) -> Result<DaemonRequest, DaemonWireError> {
-        if msg.len() != DAEMON_MSG_SIZE {
-            return Err(DaemonWireError::WrongSize(msg.len()));
-        }
+        let msg: &DaemonMessage = msg
+            .try_into()
+            .map_err(|_| DaemonWireError::WrongSize(msg.len()))?;
         let op = msg[layout::OPERATION];
         let pool = msg[layout::POOL];
         let key_field = |off: usize| msg[off..off + MAX_KEY_SIZE].to_vec();
@@ -200,25 +200,25 @@ impl DaemonRequest {
             },
             KvpOperation::GET => DaemonRequest::Get {
                 pool,
-                key_size: read_u32(msg, layout::SET_KEY_SIZE),
+                key_size: msg_u32::<{ layout::SET_KEY_SIZE }>(msg),
                 key: key_field(layout::SET_KEY),
-                value_size: read_u32(msg, layout::SET_VALUE_SIZE),
+                value_size: msg_u32::<{ layout::SET_VALUE_SIZE }>(msg),
             },
             KvpOperation::SET => DaemonRequest::Set {
                 pool,
-                key_size: read_u32(msg, layout::SET_KEY_SIZE),
+                key_size: msg_u32::<{ layout::SET_KEY_SIZE }>(msg),
                 key: key_field(layout::SET_KEY),
-                value_size: read_u32(msg, layout::SET_VALUE_SIZE),
+                value_size: msg_u32::<{ layout::SET_VALUE_SIZE }>(msg),
                 value: msg[layout::SET_VALUE..layout::SET_VALUE + MAX_VALUE_SIZE].to_vec(),
             },
             KvpOperation::DELETE => DaemonRequest::Delete {
                 pool,
-                key_size: read_u32(msg, layout::DELETE_KEY_SIZE),
+                key_size: msg_u32::<{ layout::DELETE_KEY_SIZE }>(msg),
                 key: key_field(layout::DELETE_KEY),
             },
             KvpOperation::ENUMERATE => DaemonRequest::Enumerate {
                 pool,
-                index: read_u32(msg, layout::ENUM_INDEX),
+                index: msg_u32::<{ layout::ENUM_INDEX }>(msg),
             },
             KvpOperation::GET_IP_INFO => DaemonRequest::GetIpInfo {
                 adapter_id: cstr(field(msg, layout::IP_ADAPTER_ID, ADAPTER_ID_FIELD)).to_vec(),
@@ -270,9 +270,19 @@ pub fn strcpy_field(field: &mut [u8], s: &[u8]) -> bool {
     n < s.len()
 }
 
-/// The `error` field of a reply (bytes 0..4, little-endian as on x86 and arm64).
+/// The `error` field of a reply (bytes 0..4, little-endian as on x86 and arm64); 0 for a buffer
+/// too short to hold one, which no daemon message is.
 pub fn error(msg: &[u8]) -> u32 {
-    read_u32(msg, 0)
+    read_u32(msg, 0).unwrap_or(0)
+}
+
+/// The u32 at the layout offset `OFF` of a whole daemon message: the offset is checked against
+/// the message size when this compiles, so the read cannot fail.
+pub fn msg_u32<const OFF: usize>(msg: &DaemonMessage) -> u32 {
+    const { assert!(OFF + 4 <= DAEMON_MSG_SIZE) };
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&msg[OFF..OFF + 4]);
+    u32::from_le_bytes(b)
 }
 
 /// Sets the `error` field, overwriting operation, pool and pad as the C daemon does.
@@ -392,8 +402,8 @@ mod tests {
     #[test]
     fn set_message_carries_sizes_with_the_terminator() {
         let m = build_set(1, b"abc", b"hello");
-        assert_eq!(read_u32(&m[..], layout::SET_KEY_SIZE), 4);
-        assert_eq!(read_u32(&m[..], layout::SET_VALUE_SIZE), 6);
+        assert_eq!(msg_u32::<{ layout::SET_KEY_SIZE }>(&m), 4);
+        assert_eq!(msg_u32::<{ layout::SET_VALUE_SIZE }>(&m), 6);
         match DaemonRequest::parse(&m[..]).unwrap() {
             DaemonRequest::Set {
                 pool,
@@ -447,7 +457,7 @@ mod tests {
         let mut m = build_enumerate(3, 7);
         set_error(&mut m[..], 0x8007_0103);
         assert_eq!(error(&m[..]), 0x8007_0103);
-        assert_eq!(read_u32(&m[..], layout::ENUM_INDEX), 7);
+        assert_eq!(msg_u32::<{ layout::ENUM_INDEX }>(&m), 7);
     }
 
     #[test]

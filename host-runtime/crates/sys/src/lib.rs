@@ -11,6 +11,7 @@
 //! - [`lock`]: open-file-description (`F_OFD_*`) record locks, with a non-blocking acquire and a
 //!   query of the conflicting holder.
 //! - [`freeze`]: the `FIFREEZE`/`FITHAW` ioctls.
+//! - [`process`]: what a child inherits (only stdio).
 //! - [`net`]: `getifaddrs`, `inet_ntop`, `getaddrinfo(AI_CANONNAME)`, as `hv_kvp_daemon` uses them.
 //! - `wasm` (feature `wasm`): loading a precompiled plugin component (`.cwasm`), native code
 //!   whose provenance the caller proves with a checked file.
@@ -21,5 +22,6 @@ pub mod freeze;
 pub mod lock;
 pub mod mapping;
 pub mod net;
+pub mod process;
 #[cfg(feature = "wasm")]
 pub mod wasm;
