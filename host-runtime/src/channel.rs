@@ -31,6 +31,15 @@ pub enum ChannelError {
         /// What was wrong.
         source: RingError,
     },
+    /// The ring memory went away under us (the peer truncated the ring file; a `SIGBUS` was
+    /// caught): this channel is over, nothing else is affected.
+    #[error("{channel}: the ring file was truncated under the mapping ({source})")]
+    RingGone {
+        /// The channel's label.
+        channel: String,
+        /// Which ring noticed.
+        source: RingError,
+    },
     /// The peer closed the doorbell: the host rescinded the channel or went away.
     #[error("{channel}: closed by the peer")]
     Closed {
@@ -297,8 +306,9 @@ impl Channel {
 }
 
 fn ring_error(label: &str, source: RingError) -> ChannelError {
-    ChannelError::Ring {
-        channel: label.to_owned(),
-        source,
+    let channel = label.to_owned();
+    match source {
+        RingError::Broken { .. } => ChannelError::RingGone { channel, source },
+        source => ChannelError::Ring { channel, source },
     }
 }

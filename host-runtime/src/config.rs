@@ -78,6 +78,21 @@ pub struct KvpSection {
     /// its `device/device_id` here, as `hv_kvp_daemon` does.
     #[serde(default = "default_sysfs_net")]
     pub sysfs_net_dir: PathBuf,
+    /// How long `set_ifconfig` may run before it is killed (SET_IP_INFO then fails), in ms.
+    #[serde(default = "default_set_ifconfig_timeout_ms")]
+    pub set_ifconfig_timeout_ms: u64,
+    /// How long `get_dns_info`, `get_dhcp_info` and `ip` may run, in milliseconds.
+    #[serde(default = "default_get_info_timeout_ms")]
+    pub get_info_timeout_ms: u64,
+    /// How long a pool operation waits for locks other programs hold before it fails, in ms.
+    #[serde(default = "default_lock_timeout_ms")]
+    pub lock_timeout_ms: u64,
+    /// Most records hvisd lets one pool reach by adding keys (a SET of a new key past it fails).
+    #[serde(default = "default_max_records")]
+    pub max_records: usize,
+    /// `fdatasync` every pool write (survives power loss; costs a disk flush per SET).
+    #[serde(default)]
+    pub sync_writes: bool,
     /// How long one host request may wait for plugin-provided values, in milliseconds.
     #[serde(default = "default_plugin_deadline_ms")]
     pub plugin_key_deadline_ms: u64,
@@ -103,6 +118,18 @@ fn default_get_dhcp_info() -> PathBuf {
 }
 fn default_sysfs_net() -> PathBuf {
     "/sys/class/net".into()
+}
+fn default_set_ifconfig_timeout_ms() -> u64 {
+    30_000
+}
+fn default_get_info_timeout_ms() -> u64 {
+    5_000
+}
+fn default_lock_timeout_ms() -> u64 {
+    1_000
+}
+fn default_max_records() -> usize {
+    1024
 }
 fn default_plugin_deadline_ms() -> u64 {
     100
@@ -130,6 +157,14 @@ impl KvpSection {
         config.net.set_ifconfig_script = self.set_ifconfig.clone();
         config.net.get_dns_info_script = self.get_dns_info.clone();
         config.net.get_dhcp_info_script = self.get_dhcp_info.clone();
+        config.net.set_ifconfig_timeout =
+            std::time::Duration::from_millis(self.set_ifconfig_timeout_ms);
+        config.net.get_info_timeout = std::time::Duration::from_millis(self.get_info_timeout_ms);
+        config.store = hvisd_kvp::StoreOptions {
+            lock_timeout: std::time::Duration::from_millis(self.lock_timeout_ms),
+            max_records: self.max_records,
+            sync: self.sync_writes,
+        };
         config
     }
 
@@ -268,6 +303,20 @@ impl Config {
                 path: origin.to_owned(),
                 field: "kvp.plugin_key_deadline_ms",
                 why: "must be 1..=10000: the host's request waits at most this long for plugin values",
+            });
+        }
+        if config.kvp.lock_timeout_ms > 60_000 {
+            return Err(ConfigError::Invalid {
+                path: origin.to_owned(),
+                field: "kvp.lock_timeout_ms",
+                why: "must be at most 60000: a host request waits this long for a locked pool",
+            });
+        }
+        if config.kvp.max_records == 0 {
+            return Err(ConfigError::Invalid {
+                path: origin.to_owned(),
+                field: "kvp.max_records",
+                why: "must be at least 1",
             });
         }
         if let Err(errors) = hvisd_plugin_host::manifest::validate_all(&config.plugin) {

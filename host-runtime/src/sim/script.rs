@@ -138,6 +138,15 @@ pub enum Action {
         /// The channel.
         name: String,
     },
+    /// Truncate the channel's `ring` file to `len` bytes (default 0) and interrupt the guest, as a
+    /// hostile host would; the host forgets the channel (its own mapping is as broken).
+    TruncateRing {
+        /// The channel.
+        name: String,
+        /// The new length of the ring file.
+        #[serde(default)]
+        len: u64,
+    },
     /// Wait until the guest closes the channel (after a corrupt ring, say).
     ExpectClosed {
         /// The channel.
@@ -305,6 +314,7 @@ impl Action {
             Action::Raw { .. } => "raw",
             Action::CorruptRing { .. } => "corrupt_ring",
             Action::PartialPacket { .. } => "partial_packet",
+            Action::TruncateRing { .. } => "truncate_ring",
             Action::ExpectClosed { .. } => "expect_closed",
             Action::Rescind { .. } => "rescind",
             Action::Sleep { .. } => "sleep",
