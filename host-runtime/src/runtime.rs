@@ -322,7 +322,7 @@ pub async fn supervise<S: OfferSource>(
 ) -> std::io::Result<()> {
     let mut book = Book::default();
     let mut tasks: JoinSet<(String, String, Result<(), ChannelError>)> = JoinSet::new();
-    let mut budget = LogBudget::new(20, 30);
+    let mut budget = LogBudget::new(100, 60);
     let mut scan_failed = false;
     let mut skipped_reported = 0usize;
     tracing::info!("watching {} for offers", source.describe());
