@@ -68,7 +68,11 @@ fuzz_target!(|input: &[u8]| {
             loop {
                 match batch.next() {
                     Ok(Some(packet)) => {
-                        assert!(packet.payload.len() < data_len);
+                        assert!(packet.payload_len < data_len);
+                        // Every byte of a returned payload can be copied out, and none past it.
+                        let mut payload = vec![0u8; packet.payload_len];
+                        assert!(batch.read_payload(&packet, 0, &mut payload).is_ok());
+                        assert!(batch.read_payload(&packet, 0, &mut vec![0u8; packet.payload_len + 1]).is_err());
                         packets += 1;
                         assert!(
                             packets <= data_len / 24,

@@ -10,7 +10,7 @@
 use crate::channel::{Channel, RingPair, Role};
 use crate::doorbell::{Doorbell, DoorbellKind};
 use hvisd_protocol::guid::Guid;
-use hvisd_ring::{MAX_RING_SIZE, MIN_RING_SIZE};
+use hvisd_protocol::uio_sysfs;
 use hvisd_ring::{RingError, SharedMapping};
 use std::fs::File;
 use std::io;
@@ -44,7 +44,7 @@ pub struct UioDevice {
 #[derive(Debug, thiserror::Error)]
 pub enum UioError {
     /// A sysfs file is absent or unreadable.
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", path.display())]
     Io {
         /// The path.
         path: PathBuf,
@@ -52,7 +52,7 @@ pub enum UioError {
         source: io::Error,
     },
     /// A sysfs file has content we do not understand.
-    #[error("{path}: {why} (found {found:?})")]
+    #[error("{}: {why} (found {found:?})", path.display())]
     Malformed {
         /// The path.
         path: PathBuf,
@@ -71,12 +71,30 @@ pub enum UioError {
     },
 }
 
+/// Reads a sysfs attribute (at most 4 KiB, invalid UTF-8 replaced).
 fn read_small(path: &Path) -> Result<String, UioError> {
-    let text = std::fs::read_to_string(path).map_err(|source| UioError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(text.trim().to_owned())
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(4096).read_to_end(&mut bytes))
+        .map_err(|source| UioError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&bytes).trim().to_owned())
+}
+
+/// The UTF-8 entry names of a directory (at most 1024).
+fn read_names(dir: &Path) -> Result<Vec<String>, UioError> {
+    Ok(std::fs::read_dir(dir)
+        .map_err(|source| UioError::Io {
+            path: dir.to_owned(),
+            source,
+        })?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .take(1024)
+        .collect())
 }
 
 fn malformed(path: &Path, why: &'static str, found: &str) -> UioError {
@@ -135,71 +153,37 @@ pub fn describe(dir: &Path, dev_dir: &Path) -> Result<UioDevice, UioError> {
         .map_err(|_| malformed(dir, "a device directory named by its instance GUID", name))?;
     let class_path = dir.join("class_id");
     let class_text = read_small(&class_path)?;
-    // sysfs prints `{guid}`.
-    let class_id: Guid = class_text
-        .trim_start_matches('{')
-        .trim_end_matches('}')
-        .parse()
-        .map_err(|_| malformed(&class_path, "a GUID in braces", &class_text))?;
+    let class_id = uio_sysfs::parse_class_id(&class_text)
+        .map_err(|e| malformed(&class_path, e.0, &class_text))?;
 
     let channels = dir.join("channels");
-    let relid = std::fs::read_dir(&channels)
-        .map_err(|source| UioError::Io {
-            path: channels.clone(),
-            source,
-        })?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("ring").exists())
-        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
-        .min()
+    let with_ring: Vec<String> = read_names(&channels)?
+        .into_iter()
+        .filter(|n| channels.join(n).join("ring").exists())
+        .collect();
+    let relid = uio_sysfs::primary_relid(with_ring.iter().map(String::as_str))
         .ok_or_else(|| malformed(&channels, "a channels/<relid>/ring entry", ""))?;
 
     let uio_dir = dir.join("uio");
-    let uio_name = std::fs::read_dir(&uio_dir)
-        .map_err(|source| UioError::Io {
-            path: uio_dir.clone(),
-            source,
-        })?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| {
-            n.strip_prefix("uio")
-                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .min()
+    let uio_names = read_names(&uio_dir)?;
+    let (_, uio_name) = uio_sysfs::uio_device(uio_names.iter().map(String::as_str))
         .ok_or_else(|| malformed(&uio_dir, "a uioN entry", ""))?;
+    let uio_name = uio_name.to_owned();
 
     let size_path = uio_dir.join(&uio_name).join("maps/map0/size");
     let size_text = read_small(&size_path)?;
-    let map_size = parse_hex_or_dec(&size_text)
-        .ok_or_else(|| malformed(&size_path, "a size such as 0x8000", &size_text))?;
-    let ring_size = map_size / 2;
-    if !map_size.is_multiple_of(2)
-        || !ring_size.is_multiple_of(4096)
-        || !(MIN_RING_SIZE as u64..=MAX_RING_SIZE as u64).contains(&ring_size)
-    {
-        return Err(malformed(
-            &size_path,
-            "two rings of equal size, each a multiple of 4096 from 8 KiB to 64 MiB",
-            &size_text,
-        ));
-    }
+    let ring_size = uio_sysfs::parse_map0_ring_size(&size_text)
+        .map_err(|e| malformed(&size_path, e.0, &size_text))?;
     Ok(UioDevice {
         instance_id,
         class_id,
         relid,
         dev_path: dev_dir.join(&uio_name),
         uio_name,
-        ring_size: ring_size as usize,
+        ring_size,
     })
 }
 
-fn parse_hex_or_dec(text: &str) -> Option<u64> {
-    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => text.parse().ok(),
-    }
-}
 
 impl UioDevice {
     /// Opens `/dev/uioN`, maps map 0 and uses the same descriptor as the doorbell.

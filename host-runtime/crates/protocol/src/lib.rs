@@ -6,4 +6,6 @@ pub mod hvsock;
 pub mod ic;
 pub mod kvp;
 pub mod kvp_daemon;
+pub mod shm_offer;
+pub mod uio_sysfs;
 pub mod text;
