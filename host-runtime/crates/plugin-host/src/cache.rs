@@ -70,8 +70,8 @@ impl ComponentCache {
             Mode::empty(),
         )
         .map_err(|e| problem(format!("cannot open it (a symlink is refused): {e}")))?;
-        let stat = rustix::fs::fstat(&dir_fd)
-            .map_err(|e| problem(format!("cannot stat it: {e}")))?;
+        let stat =
+            rustix::fs::fstat(&dir_fd).map_err(|e| problem(format!("cannot stat it: {e}")))?;
         let me = rustix::process::geteuid().as_raw();
         if stat.st_uid != me {
             return Err(problem(format!(
@@ -126,7 +126,9 @@ impl ComponentCache {
                 ),
             },
             Err(ArtifactError::Os { source, .. }) if source == rustix::io::Errno::NOENT => {}
-            Err(e) => tracing::warn!(artifact = %name, "cached plugin artifact refused, recompiling: {e}"),
+            Err(e) => {
+                tracing::warn!(artifact = %name, "cached plugin artifact refused, recompiling: {e}")
+            }
         }
         let component =
             Component::new(engine, wasm).map_err(|e| HostError::Compile(format!("{e:#}")))?;

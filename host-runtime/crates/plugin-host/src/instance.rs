@@ -1,0 +1,154 @@
+//! Which instance a call runs on, and the accounting of its outcome.
+//!
+//! Freeze hooks, the freeze policy and hvsock services get a fresh instance
+//! per call; a KVP provider keeps one long-lived instance, replaced after
+//! `recycle-after-calls` calls and dropped after any failure. Every call,
+//! instantiation included, runs under [`guarded`] and ends in
+//! [`Plugin::record_ok`] or [`Plugin::record_trap`].
+
+use std::time::Duration;
+
+use wasmtime::Store;
+use wasmtime::component::Instance;
+
+use crate::CallError;
+use crate::engine::epoch_ticks;
+use crate::lifecycle::Plugin;
+use crate::manifest::World;
+use crate::state::HostState;
+use crate::state::bindings::exports::hyperv::integration::kvp_provider;
+use crate::store::{guarded, new_store};
+
+/// A KVP provider's long-lived instance.
+pub(crate) struct ProviderInstance {
+    store: Store<HostState>,
+    guest: kvp_provider::Guest,
+    /// Calls made on this instance (it is replaced after `recycle-after-calls`).
+    calls: u64,
+}
+
+impl Plugin {
+    /// The manifest's deadline for one call.
+    pub(crate) fn call_deadline(&self) -> Duration {
+        Duration::from_millis(self.manifest().limits.call_deadline_ms)
+    }
+
+    fn instantiate_error(&self, e: wasmtime::Error) -> CallError {
+        CallError::Instantiate {
+            plugin: self.name().to_owned(),
+            message: format!("{e:#}"),
+        }
+    }
+
+    /// A fresh store and instance, the component's start-up bounded by `deadline`.
+    async fn instantiate(
+        &self,
+        deadline: Duration,
+    ) -> Result<(Store<HostState>, Instance), CallError> {
+        let mut store = new_store(&self.sandbox.engine, &self.ctx)?;
+        self.health().instantiations += 1;
+        store.set_epoch_deadline(epoch_ticks(deadline));
+        let instance = guarded(
+            self.name(),
+            deadline,
+            self.pre.instantiate_async(&mut store),
+        )
+        .await
+        .map_err(|e| match e {
+            CallError::Trap { plugin, message } => CallError::Instantiate { plugin, message },
+            other => other,
+        })?;
+        Ok((store, instance))
+    }
+
+    /// A new provider instance and its answer to `describe` (which the WIT
+    /// promises is called once after each instantiation).
+    pub(crate) async fn provider_instance(
+        &self,
+    ) -> Result<(ProviderInstance, kvp_provider::ProviderInfo), CallError> {
+        let idx = self
+            .exports
+            .provider
+            .as_ref()
+            .ok_or_else(|| CallError::NotProvided {
+                plugin: self.name().to_owned(),
+                world: World::KvpProvider,
+            })?;
+        let deadline = self.call_deadline();
+        let (mut store, instance) = self.instantiate(deadline).await?;
+        let guest = idx
+            .load(&mut store, &instance)
+            .map_err(|e| self.instantiate_error(e))?;
+        store.set_epoch_deadline(epoch_ticks(deadline));
+        let info = guarded(self.name(), deadline, guest.call_describe(&mut store)).await?;
+        Ok((
+            ProviderInstance {
+                store,
+                guest,
+                calls: 0,
+            },
+            info,
+        ))
+    }
+
+    /// Runs `call` on the provider's long-lived instance under the manifest's
+    /// call deadline, creating or recycling the instance as needed. Any
+    /// failure drops the instance.
+    pub(crate) async fn with_provider<T>(
+        &self,
+        call: impl AsyncFnOnce(&kvp_provider::Guest, &mut Store<HostState>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
+        self.check_enabled()?;
+        let deadline = self.call_deadline();
+        let mut slot = self.provider.lock().await;
+        let recycle_after = self.manifest().limits.recycle_after_calls;
+        if slot.as_ref().is_some_and(|i| i.calls >= recycle_after) {
+            *slot = None;
+        }
+        let result = async {
+            let inst = match &mut *slot {
+                Some(inst) => inst,
+                None => {
+                    let (inst, info) = self.provider_instance().await?;
+                    self.set_described(info);
+                    slot.insert(inst)
+                }
+            };
+            inst.calls += 1;
+            inst.store.set_epoch_deadline(epoch_ticks(deadline));
+            guarded(self.name(), deadline, call(&inst.guest, &mut inst.store)).await
+        }
+        .await;
+        match &result {
+            Ok(_) => self.record_ok(),
+            Err(e) => {
+                *slot = None;
+                self.record_trap(e);
+            }
+        }
+        result
+    }
+
+    /// Runs `call` on a fresh instance (its export loaded by `load`) under
+    /// `deadline`, recording the outcome.
+    pub(crate) async fn fresh_call<G, T>(
+        &self,
+        deadline: Duration,
+        load: impl FnOnce(&mut Store<HostState>, &Instance) -> wasmtime::Result<G>,
+        call: impl AsyncFnOnce(&G, &mut Store<HostState>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
+        self.check_enabled()?;
+        let result = async {
+            let (mut store, instance) = self.instantiate(deadline).await?;
+            let guest = load(&mut store, &instance).map_err(|e| self.instantiate_error(e))?;
+            store.set_epoch_deadline(epoch_ticks(deadline));
+            guarded(self.name(), deadline, call(&guest, &mut store)).await
+        }
+        .await;
+        match &result {
+            Ok(_) => self.record_ok(),
+            Err(e) => self.record_trap(e),
+        }
+        result
+    }
+}
