@@ -6,8 +6,8 @@ use crate::config::Config;
 use crate::services::Services;
 use hvisd_kvp::guest_keys::ValueFuture;
 use hvisd_kvp::{GuestKeyProvider, GuestKeys, KvpCore, PoolStore};
-use hvisd_plugin_host::{HostServices, KvpError, KvpStore, PluginHost, Pool, Value};
-use hvisd_protocol::kvp::Pool as WirePool;
+use hvisd_plugin_host::{HostServices, KvpError, KvpStore, PluginHost};
+use hvisd_protocol::kvp::{Pool, Value};
 use std::sync::{Arc, Mutex};
 
 /// The plugins' `kvp-store` import over the real pool files (the same store the KVP service uses, so
@@ -33,51 +33,18 @@ impl PoolKvpStore {
     }
 }
 
-/// The wire pool a plugin pool names.
-pub fn wire_pool(pool: Pool) -> WirePool {
-    match pool {
-        Pool::External => WirePool::External,
-        Pool::Guest => WirePool::Guest,
-        Pool::Auto => WirePool::Auto,
-        Pool::AutoExternal => WirePool::AutoExternal,
-        Pool::Internal => WirePool::AutoInternal,
-    }
-}
-
-/// The plugin pool for a wire pool.
-pub fn plugin_pool(pool: WirePool) -> Pool {
-    match pool {
-        WirePool::External => Pool::External,
-        WirePool::Guest => Pool::Guest,
-        WirePool::Auto => Pool::Auto,
-        WirePool::AutoExternal => Pool::AutoExternal,
-        WirePool::AutoInternal => Pool::Internal,
-    }
-}
-
-/// Pool files hold UTF-8 strings (as `hv_kvp_daemon` stores REG_U32/REG_U64 values sent by the host:
-/// in decimal), so numbers are written in decimal too.
-fn value_text(value: &Value) -> String {
-    match value {
-        Value::Text(s) => s.clone(),
-        Value::U32(n) => n.to_string(),
-        Value::U64(n) => n.to_string(),
-    }
-}
-
 impl KvpStore for PoolKvpStore {
     fn get(&self, pool: Pool, key: &str) -> Result<Option<Value>, KvpError> {
-        self.with(|s| s.get(wire_pool(pool), key))
-            .map(|v| v.map(Value::Text))
+        self.with(|s| s.get(pool, key)).map(|v| v.map(Value::Text))
     }
     fn set(&self, pool: Pool, key: &str, value: &Value) -> Result<(), KvpError> {
-        self.with(|s| s.set(wire_pool(pool), key, &value_text(value)))
+        self.with(|s| s.set(pool, key, &value.clone().into_text()))
     }
     fn delete(&self, pool: Pool, key: &str) -> Result<bool, KvpError> {
-        self.with(|s| s.delete(wire_pool(pool), key))
+        self.with(|s| s.delete(pool, key))
     }
     fn list(&self, pool: Pool) -> Result<Vec<String>, KvpError> {
-        self.with(|s| s.list(wire_pool(pool)))
+        self.with(|s| s.list(pool))
             .map(|kv| kv.into_iter().map(|(k, _)| k).collect())
     }
 }
@@ -103,7 +70,7 @@ impl GuestKeyProvider for PluginKeys {
         Box::pin(async move {
             host.provider_get(&plugin, Pool::Guest, &key)
                 .await
-                .map(|v| value_text(&v))
+                .map(Value::into_text)
                 .map_err(|e| e.to_string())
         })
     }
@@ -213,11 +180,7 @@ impl Plugins {
                     Ok(event) => {
                         let Some(value) = event.value else { continue };
                         for e in host
-                            .notify_host_set(
-                                plugin_pool(event.pool),
-                                &event.key,
-                                &Value::Text(value),
-                            )
+                            .notify_host_set(event.pool, &event.key, &Value::Text(value))
                             .await
                         {
                             tracing::warn!("host-set notification: {e}");

@@ -15,8 +15,9 @@ use wasmtime_wasi::p2::pipe::{AsyncReadStream, AsyncWriteStream};
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::manifest::{Access, MAX_KEY_BYTES, PluginManifest};
-use crate::types::{KvpError, KvpStore, Pool, Value};
+use crate::manifest::{Access, PluginManifest};
+use crate::text::{Escaped, truncate};
+use crate::types::{KvpError, KvpStore, MAX_KEY_LEN, MAX_VALUE_LEN, Pool, Value, key_problem};
 
 pub(crate) mod bindings {
     wasmtime::component::bindgen!({
@@ -78,19 +79,6 @@ impl WasiView for HostState {
 
 /// Longest log line kept from a plugin.
 const MAX_LOG_BYTES: usize = 4096;
-/// Longest value a plugin may store (the KVP wire limit for values).
-const MAX_VALUE_BYTES: usize = 2048;
-
-pub(crate) fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
 
 impl wit::types::Host for HostState {}
 
@@ -117,7 +105,7 @@ impl From<wit::types::Pool> for Pool {
             W::Guest => Pool::Guest,
             W::Auto => Pool::Auto,
             W::AutoExternal => Pool::AutoExternal,
-            W::Internal => Pool::Internal,
+            W::Internal => Pool::AutoInternal,
         }
     }
 }
@@ -130,7 +118,7 @@ impl From<Pool> for wit::types::Pool {
             Pool::Guest => W::Guest,
             Pool::Auto => W::Auto,
             Pool::AutoExternal => W::AutoExternal,
-            Pool::Internal => W::Internal,
+            Pool::AutoInternal => W::Internal,
         }
     }
 }
@@ -184,10 +172,10 @@ impl From<KvpError> for wit::types::Error {
 impl HostState {
     /// The capability check in front of every `kvp-store` call.
     fn check_kvp(&self, pool: Pool, key: &str, need: Access) -> Result<(), KvpError> {
-        if key.is_empty() || key.len() > MAX_KEY_BYTES || key.contains('\0') {
+        if let Some(problem) = key_problem(key) {
             return Err(KvpError::Invalid(format!(
-                "key is {} bytes; keys are 1 to {MAX_KEY_BYTES} bytes without NUL",
-                key.len()
+                "key `{}` {problem}; keys are 1 to {MAX_KEY_LEN} bytes without NUL",
+                Escaped(key)
             )));
         }
         let m = &self.plugin.manifest;
@@ -196,12 +184,12 @@ impl HostState {
             (Some(Access::ReadOnly), Access::ReadWrite) => Err(KvpError::Denied(format!(
                 "plugin `{}` has read-only access to key `{}` in pool {pool}; grant access = \"read-write\" in its manifest",
                 m.name,
-                truncate(key, 64)
+                Escaped(key)
             ))),
             (None, _) => Err(KvpError::Denied(format!(
                 "plugin `{}` has no grant for key `{}` in pool {pool}; add a [[plugin.kvp]] entry",
                 m.name,
-                truncate(key, 64)
+                Escaped(key)
             ))),
         }
     }
@@ -227,10 +215,10 @@ impl wit::kvp_store::Host for HostState {
         let pool = Pool::from(pool);
         self.check_kvp(pool, &key, Access::ReadWrite)?;
         if let wit::types::Value::Text(s) = &value
-            && s.len() > MAX_VALUE_BYTES
+            && s.len() > MAX_VALUE_LEN
         {
             return Err(KvpError::Invalid(format!(
-                "value is {} bytes, limit {MAX_VALUE_BYTES}",
+                "value is {} bytes, limit {MAX_VALUE_LEN}",
                 s.len()
             ))
             .into());
@@ -278,7 +266,7 @@ impl wit::hvsock::Host for HostState {
             return Err(KvpError::Denied(format!(
                 "plugin `{}` may not connect to hvsock service `{}`; add it to hvsock.connect",
                 m.name,
-                truncate(&service, 64)
+                Escaped(&service)
             ))
             .into());
         }
@@ -358,16 +346,3 @@ pub(crate) fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState
 use wasmtime_wasi::cli::WasiCliView as _;
 use wasmtime_wasi::clocks::WasiClocksView as _;
 use wasmtime_wasi::filesystem::WasiFilesystemView as _;
-
-#[cfg(test)]
-mod tests {
-    use super::truncate;
-
-    #[test]
-    fn truncate_never_splits_a_utf8_character() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("héllo", 3), "hé");
-        assert_eq!(truncate("short", 64), "short");
-        assert_eq!(truncate("", 0), "");
-    }
-}

@@ -10,8 +10,9 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use crate::CallError;
 use crate::engine::MAX_WASM_STACK;
 use crate::manifest::Access;
-use crate::state::{HostState, PluginContext, truncate};
+use crate::state::{HostState, PluginContext};
 use crate::stdio::TracingStdio;
+use crate::text::truncate;
 
 /// Instances, tables and memories a component may create (Rust components use a handful).
 const MAX_INSTANCES: usize = 32;

@@ -1,49 +1,30 @@
 //! Plain Rust types of the plugin API, independent of the generated bindings,
 //! and the [`KvpStore`] trait the runtime implements for the `kvp-store` import.
+//!
+//! [`Pool`], [`Value`] and the key and value limits are the protocol crate's:
+//! one definition for the KVP service and the plugins, converted only at the
+//! WIT edge (`state.rs`).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// A KVP pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Pool {
-    /// Pool 0: set by the host.
-    External,
-    /// Pool 1: published by the guest.
-    Guest,
-    /// Pool 2: published automatically by the guest's integration services.
-    Auto,
-    /// Pool 3: published by the host about itself.
-    AutoExternal,
-    /// Pool 4: Hyper-V's own.
-    Internal,
-}
+pub use hvisd_protocol::kvp::{MAX_KEY_LEN, MAX_VALUE_LEN, Pool, Value};
 
-impl fmt::Display for Pool {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Pool::External => "external",
-            Pool::Guest => "guest",
-            Pool::Auto => "auto",
-            Pool::AutoExternal => "auto-external",
-            Pool::Internal => "internal",
-        })
+/// Why `key` cannot be a KVP key, if it cannot: keys are 1 to [`MAX_KEY_LEN`] bytes of UTF-8
+/// without NUL (a pool record's key field is 512 bytes including the terminator). Manifest key
+/// patterns obey the same rule.
+pub(crate) fn key_problem(key: &str) -> Option<String> {
+    if key.is_empty() {
+        Some("is empty".into())
+    } else if key.len() > MAX_KEY_LEN {
+        Some(format!("is {} bytes, limit {MAX_KEY_LEN}", key.len()))
+    } else if key.contains('\0') {
+        Some("contains NUL".into())
+    } else {
+        None
     }
-}
-
-/// A KVP value.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Value {
-    /// A string.
-    Text(String),
-    /// A 32-bit integer.
-    U32(u32),
-    /// A 64-bit integer.
-    U64(u64),
 }
 
 /// An error from the KVP store, a provider or the sandbox, as a plugin sees it.
@@ -132,5 +113,17 @@ mod tests {
         assert!(s.delete(Pool::Guest, "k").expect("delete"));
         assert!(!s.delete(Pool::Guest, "k").expect("delete"));
         assert_eq!(s.get(Pool::Guest, "k").expect("get"), None);
+    }
+
+    #[test]
+    fn keys_are_1_to_511_bytes_without_nul() {
+        assert_eq!(key_problem("k"), None);
+        assert_eq!(key_problem(&"k".repeat(MAX_KEY_LEN)), None);
+        assert_eq!(
+            key_problem(&"k".repeat(MAX_KEY_LEN + 1)).as_deref(),
+            Some("is 512 bytes, limit 511")
+        );
+        assert_eq!(key_problem("").as_deref(), Some("is empty"));
+        assert_eq!(key_problem("a\0b").as_deref(), Some("contains NUL"));
     }
 }

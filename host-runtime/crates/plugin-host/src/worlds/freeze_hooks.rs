@@ -9,7 +9,7 @@ use crate::CallError;
 use crate::lifecycle::{Plugin, PluginHost};
 use crate::manifest::World;
 use crate::state::bindings::exports::hyperv::integration::freeze_hooks;
-use crate::state::truncate;
+use crate::text::truncate;
 
 /// Context handed to freeze hooks.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use serde::Serialize;
 use crate::lifecycle::PluginHost;
 use crate::manifest::World;
 use crate::state::bindings::exports::hyperv::integration::freeze_policy;
-use crate::state::truncate;
+use crate::text::{Escaped, truncate};
 
 /// A mount offered to the freeze policy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -45,7 +45,7 @@ fn check_plan(mounts: &[Mount], order: &[String]) -> Result<(), String> {
         if !mounts.iter().any(|m| m.path == *path) || order[..i].contains(path) {
             return Err(format!(
                 "policy named `{}`, which is not an offered mount or is named twice",
-                truncate(path, 256)
+                Escaped(path)
             ));
         }
     }

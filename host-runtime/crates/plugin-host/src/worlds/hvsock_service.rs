@@ -5,7 +5,8 @@ use crate::CallError;
 use crate::lifecycle::PluginHost;
 use crate::manifest::World;
 use crate::state::bindings::exports::hyperv::integration::hvsock_service;
-use crate::state::{BoxedReader, BoxedWriter, push_streams, truncate};
+use crate::state::{BoxedReader, BoxedWriter, push_streams};
+use crate::text::truncate;
 use crate::types::KvpError;
 use std::time::Duration;
 

@@ -5,10 +5,10 @@ use serde::Serialize;
 
 use crate::CallError;
 use crate::lifecycle::{Plugin, PluginHost};
-use crate::manifest::{MAX_KEY_BYTES, PluginManifest, World};
+use crate::manifest::{PluginManifest, World};
 use crate::state::bindings::exports::hyperv::integration::kvp_provider::ProviderInfo;
-use crate::state::truncate;
-use crate::types::{KvpError, Pool, Value};
+use crate::text::Escaped;
+use crate::types::{KvpError, MAX_VALUE_LEN, Pool, Value, key_problem};
 
 /// Most keys one provider may own; more are ignored with a warning.
 const MAX_OWNED_KEYS: usize = 4096;
@@ -45,11 +45,11 @@ pub(crate) fn described_keys(m: &PluginManifest, info: ProviderInfo) -> Provider
     }
     for k in info.owned_keys.into_iter().take(MAX_OWNED_KEYS) {
         let pool = Pool::from(k.pool);
-        if k.key.len() > MAX_KEY_BYTES {
+        if let Some(problem) = key_problem(&k.key) {
             tracing::warn!(
                 plugin = m.name,
-                "provider claims a {}-byte key; the limit is {MAX_KEY_BYTES} bytes; ignored",
-                k.key.len(),
+                "provider claims key `{}`, which {problem}; ignored",
+                Escaped(&k.key)
             );
         } else if m.kvp_access(pool, &k.key).is_some() {
             keys.push(OwnedKey { pool, key: k.key });
@@ -57,7 +57,7 @@ pub(crate) fn described_keys(m: &PluginManifest, info: ProviderInfo) -> Provider
             tracing::warn!(
                 plugin = m.name,
                 "provider claims key `{}` in pool {pool} outside its grants; ignored",
-                truncate(&k.key, 64)
+                Escaped(&k.key)
             );
         }
     }
@@ -90,11 +90,13 @@ fn check_value(
     answer: Result<Value, KvpError>,
 ) -> Result<Value, CallError> {
     match answer {
-        Ok(Value::Text(s)) if s.len() > 2048 => Err(CallError::Plugin(KvpError::Invalid(format!(
-            "plugin `{plugin}` returned a {}-byte value for `{}`, limit 2048",
-            s.len(),
-            truncate(key, 64)
-        )))),
+        Ok(Value::Text(s)) if s.len() > MAX_VALUE_LEN => {
+            Err(CallError::Plugin(KvpError::Invalid(format!(
+                "plugin `{plugin}` returned a {}-byte value for `{}`, limit {MAX_VALUE_LEN}",
+                s.len(),
+                Escaped(key)
+            ))))
+        }
         Ok(v) => Ok(v),
         Err(e) => Err(CallError::Plugin(e)),
     }
@@ -148,7 +150,7 @@ impl PluginHost {
         if !owned {
             return Err(CallError::Plugin(KvpError::NotFound(format!(
                 "plugin `{plugin}` does not own key `{}` in pool {pool}",
-                truncate(key, 64)
+                Escaped(key)
             ))));
         }
         let answer = p
