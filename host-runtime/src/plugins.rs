@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::services::Services;
 use hvisd_kvp::guest_keys::ValueFuture;
 use hvisd_kvp::{GuestKeyProvider, GuestKeys, KvpCore, PoolStore};
-use hvisd_plugin_host::{HostServices, KvpError, KvpStore, PluginHost};
+use hvisd_plugin_host::{HostServices, KvpError, KvpFuture, KvpStore, PluginHost};
 use hvisd_protocol::kvp::{Pool, Value};
 use std::sync::{Arc, Mutex};
 
@@ -22,30 +22,39 @@ impl PoolKvpStore {
         Self { store }
     }
 
-    fn with<T>(
+    /// Runs `f` on the pool store on tokio's blocking pool: the store takes file locks that another
+    /// process can hold, and that wait must not stall an async worker. (The store is still one
+    /// mutex; a pool-store actor will replace it.)
+    fn with<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut PoolStore) -> Result<T, hvisd_kvp::StoreError>,
-    ) -> Result<T, KvpError> {
-        let mut store = self.store.lock().map_err(|_| {
-            KvpError::Unavailable("the pool store is poisoned by an earlier panic".into())
-        })?;
-        f(&mut store).map_err(|e| KvpError::Unavailable(e.to_string()))
+        f: impl FnOnce(&mut PoolStore) -> Result<T, hvisd_kvp::StoreError> + Send + 'static,
+    ) -> KvpFuture<T> {
+        let store = self.store.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut store = store.lock().map_err(|_| {
+                    KvpError::Unavailable("the pool store is poisoned by an earlier panic".into())
+                })?;
+                f(&mut store).map_err(|e| KvpError::Unavailable(e.to_string()))
+            })
+            .await
+            .map_err(|e| KvpError::Failed(format!("the pool store task failed: {e}")))?
+        })
     }
 }
 
 impl KvpStore for PoolKvpStore {
-    fn get(&self, pool: Pool, key: &str) -> Result<Option<Value>, KvpError> {
-        self.with(|s| s.get(pool, key)).map(|v| v.map(Value::Text))
+    fn get(&self, pool: Pool, key: String) -> KvpFuture<Option<Value>> {
+        self.with(move |s| Ok(s.get(pool, &key)?.map(Value::Text)))
     }
-    fn set(&self, pool: Pool, key: &str, value: &Value) -> Result<(), KvpError> {
-        self.with(|s| s.set(pool, key, &value.clone().into_text()))
+    fn set(&self, pool: Pool, key: String, value: Value) -> KvpFuture<()> {
+        self.with(move |s| s.set(pool, &key, &value.into_text()))
     }
-    fn delete(&self, pool: Pool, key: &str) -> Result<bool, KvpError> {
-        self.with(|s| s.delete(pool, key))
+    fn delete(&self, pool: Pool, key: String) -> KvpFuture<bool> {
+        self.with(move |s| s.delete(pool, &key))
     }
-    fn list(&self, pool: Pool) -> Result<Vec<String>, KvpError> {
-        self.with(|s| s.list(pool))
-            .map(|kv| kv.into_iter().map(|(k, _)| k).collect())
+    fn list(&self, pool: Pool) -> KvpFuture<Vec<String>> {
+        self.with(move |s| Ok(s.list(pool)?.into_iter().map(|(k, _)| k).collect()))
     }
 }
 
@@ -195,5 +204,61 @@ impl Plugins {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hvisd_kvp::StoreOptions;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_kvp_store_import_reaches_the_pool_files_off_the_async_worker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = StoreOptions {
+            fsync: false,
+            ..StoreOptions::default()
+        };
+        let pools = Arc::new(Mutex::new(
+            PoolStore::open(dir.path(), options).expect("pool store"),
+        ));
+        let store = PoolKvpStore::new(pools.clone());
+        store
+            .set(Pool::Guest, "app.count".into(), Value::U32(7))
+            .await
+            .expect("set");
+        // Numbers are stored in decimal, as hv_kvp_daemon stores the host's REG_U32 values.
+        assert_eq!(
+            pools
+                .lock()
+                .expect("lock")
+                .get(Pool::Guest, "app.count")
+                .expect("read the pool file"),
+            Some("7".into())
+        );
+        assert_eq!(
+            store
+                .get(Pool::Guest, "app.count".into())
+                .await
+                .expect("get"),
+            Some(Value::Text("7".into()))
+        );
+        assert_eq!(
+            store.list(Pool::Guest).await.expect("list"),
+            vec!["app.count".to_string()]
+        );
+        assert!(
+            store
+                .delete(Pool::Guest, "app.count".into())
+                .await
+                .expect("delete")
+        );
+        assert_eq!(
+            store
+                .get(Pool::Guest, "app.count".into())
+                .await
+                .expect("get"),
+            None
+        );
     }
 }

@@ -43,7 +43,9 @@ pub use engine::{EPOCH_TICK, build_engine};
 pub use lifecycle::{HostServices, LoadSummary, PluginHost, PluginState, PluginStatus};
 pub use manifest::{ManifestError, PluginManifest, World};
 pub use state::{BoxedReader, BoxedWriter, ConnectFuture, HvsockConnector};
-pub use types::{KvpError, KvpStore, MAX_KEY_LEN, MAX_VALUE_LEN, MemoryKvpStore, Pool, Value};
+pub use types::{
+    KvpError, KvpFuture, KvpStore, MAX_KEY_LEN, MAX_VALUE_LEN, MemoryKvpStore, Pool, Value,
+};
 pub use worlds::freeze_hooks::{FreezeContext, FreezeOutcome, PreFreeze};
 pub use worlds::freeze_policy::{FreezePlan, Mount};
 pub use worlds::kvp_provider::{OwnedKey, ProviderKeys};

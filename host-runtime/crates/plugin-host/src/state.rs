@@ -25,6 +25,8 @@ pub(crate) mod bindings {
         world: "hyperv:integration/full-plugin",
         imports: {
             "hyperv:integration/hvsock.connect": async,
+            // The runtime's store answers through a future (see `KvpStore`).
+            "hyperv:integration/kvp-store": async | tracing,
             default: tracing,
         },
         exports: { default: async },
@@ -196,17 +198,17 @@ impl HostState {
 }
 
 impl wit::kvp_store::Host for HostState {
-    fn get(
+    async fn get(
         &mut self,
         pool: wit::types::Pool,
         key: String,
     ) -> Result<Option<wit::types::Value>, wit::types::Error> {
         let pool = Pool::from(pool);
         self.check_kvp(pool, &key, Access::ReadOnly)?;
-        Ok(self.plugin.kvp.get(pool, &key)?.map(Into::into))
+        Ok(self.plugin.kvp.get(pool, key).await?.map(Into::into))
     }
 
-    fn set(
+    async fn set(
         &mut self,
         pool: wit::types::Pool,
         key: String,
@@ -223,16 +225,20 @@ impl wit::kvp_store::Host for HostState {
             ))
             .into());
         }
-        Ok(self.plugin.kvp.set(pool, &key, &value.into())?)
+        Ok(self.plugin.kvp.set(pool, key, value.into()).await?)
     }
 
-    fn delete(&mut self, pool: wit::types::Pool, key: String) -> Result<bool, wit::types::Error> {
+    async fn delete(
+        &mut self,
+        pool: wit::types::Pool,
+        key: String,
+    ) -> Result<bool, wit::types::Error> {
         let pool = Pool::from(pool);
         self.check_kvp(pool, &key, Access::ReadWrite)?;
-        Ok(self.plugin.kvp.delete(pool, &key)?)
+        Ok(self.plugin.kvp.delete(pool, key).await?)
     }
 
-    fn list(
+    async fn list(
         &mut self,
         pool: wit::types::Pool,
         prefix: String,
@@ -249,7 +255,8 @@ impl wit::kvp_store::Host for HostState {
         Ok(self
             .plugin
             .kvp
-            .list(pool)?
+            .list(pool)
+            .await?
             .into_iter()
             .filter(|k| k.starts_with(&prefix) && m.kvp_access(pool, k).is_some())
             .collect())

@@ -230,7 +230,10 @@ async fn kvp_writes_outside_the_grant_are_denied() {
         answer.starts_with("blocked: ") && answer.contains("Denied") && answer.contains("stolen"),
         "{answer}"
     );
-    assert_eq!(kvp.get(Pool::Guest, "stolen").expect("get"), None);
+    assert_eq!(
+        kvp.get(Pool::Guest, "stolen".into()).await.expect("get"),
+        None
+    );
     assert_neighbour_answers(&host).await;
 }
 
@@ -308,7 +311,9 @@ async fn a_spinning_pre_freeze_hook_is_a_veto_and_post_thaw_still_runs_for_every
         .await;
     assert!(errs.is_empty(), "{errs:?}");
     assert_eq!(
-        kvp.get(Pool::Guest, "misbehave.thawed").expect("get"),
+        kvp.get(Pool::Guest, "misbehave.thawed".into())
+            .await
+            .expect("get"),
         Some(Value::Text("after Vetoed".into()))
     );
     assert_eq!(
