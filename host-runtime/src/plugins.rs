@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::services::Services;
 use hvisd_kvp::guest_keys::ValueFuture;
 use hvisd_kvp::{GuestKeyProvider, GuestKeys, KvpCore, PoolStore};
-use hvisd_plugin_host::{HostServices, KvpError, KvpFuture, KvpStore, PluginHost};
+use hvisd_plugin_host::{HostServices, KvpError, KvpFuture, KvpStore, PluginHost, Provider};
 use hvisd_protocol::kvp::{Pool, Value};
 use std::sync::{Arc, Mutex};
 
@@ -60,24 +60,23 @@ impl KvpStore for PoolKvpStore {
 
 /// One KVP-provider plugin as a source of Guest-pool values.
 struct PluginKeys {
-    host: Arc<PluginHost>,
-    plugin: String,
+    provider: Provider,
     keys: Vec<String>,
 }
 
 impl GuestKeyProvider for PluginKeys {
     fn name(&self) -> &str {
-        &self.plugin
+        self.provider.name()
     }
     fn keys(&self) -> Vec<String> {
         self.keys.clone()
     }
     fn value(&self, key: &str) -> ValueFuture {
-        let host = self.host.clone();
-        let plugin = self.plugin.clone();
+        let provider = self.provider.clone();
         let key = key.to_owned();
         Box::pin(async move {
-            host.provider_get(&plugin, Pool::Guest, &key)
+            provider
+                .get(Pool::Guest, &key)
                 .await
                 .map(Value::into_text)
                 .map_err(|e| e.to_string())
@@ -85,32 +84,29 @@ impl GuestKeyProvider for PluginKeys {
     }
 }
 
-/// One Guest-pool key source per KVP-provider plugin the host has loaded now.
-pub fn providers(host: &Arc<PluginHost>) -> Vec<Arc<dyn GuestKeyProvider>> {
-    host.provider_keys()
-        .into_iter()
+/// One Guest-pool key source per provider, with the Guest-pool keys it owns in its plugin set.
+pub fn guest_key_providers(providers: &[Provider]) -> Vec<Arc<dyn GuestKeyProvider>> {
+    providers
+        .iter()
         .map(|p| {
             let keys = p
+                .keys()
                 .keys
                 .iter()
                 .filter(|k| k.pool == Pool::Guest)
                 .map(|k| k.key.clone())
                 .collect();
             Arc::new(PluginKeys {
-                host: host.clone(),
-                plugin: p.plugin,
+                provider: p.clone(),
                 keys,
             }) as Arc<dyn GuestKeyProvider>
         })
         .collect()
 }
 
-/// Builds the Guest-pool key set from the providers the host has loaded now.
-pub fn guest_keys(
-    host: &Arc<PluginHost>,
-    config: &Config,
-) -> Result<GuestKeys, hvisd_kvp::guest_keys::GuestKeyError> {
-    GuestKeys::new(providers(host), config.kvp.guest_key_options())
+/// One Guest-pool key source per KVP-provider plugin the host runs now.
+pub fn providers(host: &PluginHost) -> Vec<Arc<dyn GuestKeyProvider>> {
+    guest_key_providers(&host.providers())
 }
 
 /// Why plugins could not start.
@@ -119,9 +115,6 @@ pub enum PluginSetupError {
     /// The plugin host could not start or the manifests are invalid.
     #[error(transparent)]
     Host(#[from] hvisd_plugin_host::HostError),
-    /// Two providers claim one Guest-pool key.
-    #[error("plugin keys: {0}")]
-    Keys(#[from] hvisd_kvp::guest_keys::GuestKeyError),
     /// Plugins need the KVP store.
     #[error(
         "plugins are configured but [services] kvp = false; the kvp-store import needs the pools"
@@ -164,18 +157,30 @@ impl Plugins {
         Ok(Some(plugins))
     }
 
-    /// Loads (or reloads) the plugins of `config` and refreshes the Guest-pool keys. A failed reload
-    /// keeps what was running. In-flight calls finish on the instances they started on.
+    /// Loads (or reloads) the plugins of `config` and refreshes the Guest-pool keys, all or nothing:
+    /// the new plugin set and its key map are both built before either replaces the running ones,
+    /// so a reload that fails (invalid manifests) changes nothing. A provider's bad or contested keys
+    /// are dropped with a warning, never failing the reload. In-flight calls finish on the
+    /// instances they started on.
     pub async fn apply(&self, config: &Config) -> Result<(), PluginSetupError> {
-        let summary = self.host.reload(&config.plugin).await?;
+        let prepared = self.host.prepare(&config.plugin).await?;
+        let keys = GuestKeys::new(
+            guest_key_providers(prepared.providers()),
+            config.kvp.guest_key_options(),
+        );
+        // Swapped under the KVP lock, so no host request sees the new plugins with the old keys.
+        let summary = {
+            let mut kvp = self.kvp.lock().await;
+            let summary = self.host.commit(prepared);
+            kvp.set_guest_keys(keys);
+            summary
+        };
         for name in &summary.loaded {
             tracing::info!(plugin = %name, "plugin loaded");
         }
         for (name, why) in &summary.refused {
             tracing::error!(plugin = %name, "plugin refused: {why}");
         }
-        let keys = guest_keys(&self.host, config)?;
-        self.kvp.lock().await.set_guest_keys(keys);
         Ok(())
     }
 

@@ -109,8 +109,8 @@ impl Plugin {
             let inst = match &mut *slot {
                 Some(inst) => inst,
                 None => {
-                    let (inst, info) = self.provider_instance().await?;
-                    self.set_described(info);
+                    // The keys were settled at load (see `worlds::kvp_provider`).
+                    let (inst, _describe) = self.provider_instance().await?;
                     slot.insert(inst)
                 }
             };

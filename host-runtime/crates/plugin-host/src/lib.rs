@@ -40,7 +40,7 @@ mod worlds;
 pub use cache::{CacheOutcome, ComponentCache};
 pub use check::{CheckReport, ManifestVerdict, check};
 pub use engine::{EPOCH_TICK, build_engine};
-pub use lifecycle::{HostServices, LoadSummary, PluginHost, PluginState, PluginStatus};
+pub use lifecycle::{HostServices, LoadSummary, PluginHost, PluginState, PluginStatus, Prepared};
 pub use manifest::{ManifestError, PluginManifest, World};
 pub use state::{BoxedReader, BoxedWriter, ConnectFuture, HvsockConnector};
 pub use types::{
@@ -48,7 +48,7 @@ pub use types::{
 };
 pub use worlds::freeze_hooks::{FreezeContext, FreezeOutcome, PreFreeze};
 pub use worlds::freeze_policy::{FreezePlan, Mount};
-pub use worlds::kvp_provider::{OwnedKey, ProviderKeys};
+pub use worlds::kvp_provider::{MAX_OWNED_KEYS, OwnedKey, Provider, ProviderKeys};
 
 /// Errors from setting up the host or loading plugins.
 #[derive(Debug, thiserror::Error)]

@@ -23,7 +23,7 @@ use crate::state::bindings::exports::hyperv::integration::{
 };
 use crate::state::{HostState, HvsockConnector, PluginContext, build_linker};
 use crate::types::KvpStore;
-use crate::worlds::kvp_provider::ProviderKeys;
+use crate::worlds::kvp_provider::{Provider, ProviderKeys, assign_owners, claims, described_keys};
 use crate::{CallError, HostError};
 
 /// Runtime services the plugins' imports reach.
@@ -73,7 +73,9 @@ pub(crate) struct Plugin {
     cache: CacheOutcome,
     /// The long-lived instance of a KVP provider.
     pub provider: tokio::sync::Mutex<Option<ProviderInstance>>,
-    pub provider_keys: Mutex<ProviderKeys>,
+    /// What a KVP provider's `describe` claimed at load, as far as its own
+    /// manifest allows (which of these keys it owns depends on its set).
+    described: ProviderKeys,
     health: Mutex<Health>,
     /// Calls made (successful or not).
     calls: AtomicU64,
@@ -213,6 +215,29 @@ pub(crate) struct PluginSet {
     /// Loaded plugins by name (so every walk over them is in name order).
     pub plugins: BTreeMap<String, Arc<Plugin>>,
     refused: BTreeMap<String, (PluginManifest, String)>,
+    /// The KVP providers among `plugins`, in name order, each with the keys it owns in this set.
+    pub providers: Vec<Provider>,
+}
+
+/// A plugin set that is loaded and whose key ownership is settled, but that
+/// is not in force: [`PluginHost::commit`] puts it in force, and dropping it
+/// changes nothing. Build everything that depends on the new set (the KVP
+/// service's key map) from it before committing, so a reload is all or nothing.
+pub struct Prepared {
+    set: PluginSet,
+    summary: LoadSummary,
+}
+
+impl Prepared {
+    /// Which plugins the set loads and which it refuses.
+    pub fn summary(&self) -> &LoadSummary {
+        &self.summary
+    }
+
+    /// The set's KVP providers, in name order, each with the keys it owns in this set.
+    pub fn providers(&self) -> &[Provider] {
+        &self.set.providers
+    }
 }
 
 impl PluginSet {
@@ -270,15 +295,6 @@ impl PluginHost {
             .clone()
     }
 
-    /// The loaded plugin `name`.
-    pub(crate) fn plugin(&self, name: &str) -> Result<Arc<Plugin>, CallError> {
-        self.current()
-            .plugins
-            .get(name)
-            .cloned()
-            .ok_or_else(|| CallError::NoSuchPlugin(name.to_owned()))
-    }
-
     /// Validates the manifests and loads every plugin. Invalid manifests fail
     /// the whole load (nothing changes); a component that cannot be loaded is
     /// refused alone, with the reason in the summary and in `status()`.
@@ -286,10 +302,20 @@ impl PluginHost {
         self.reload(manifests).await
     }
 
-    /// Replaces the plugin set (for SIGHUP). Plugins whose manifest and wasm
-    /// did not change keep their instance and counters; calls in flight finish
-    /// on the plugin they started with.
+    /// Replaces the plugin set (for SIGHUP): [`PluginHost::prepare`], then
+    /// [`PluginHost::commit`].
     pub async fn reload(&self, manifests: &[PluginManifest]) -> Result<LoadSummary, HostError> {
+        Ok(self.commit(self.prepare(manifests).await?))
+    }
+
+    /// Loads the plugin set of `manifests` beside the one in force, which
+    /// keeps serving. Invalid manifests fail it as a whole; a component that
+    /// cannot be loaded is refused alone. Plugins whose manifest and wasm did
+    /// not change (and that are not disabled) are carried over with their
+    /// instance and counters. Each KVP provider's keys are settled here and
+    /// never fail the set: a key that is bad, not granted, or already owned
+    /// by a provider earlier by name is dropped with a warning.
+    pub async fn prepare(&self, manifests: &[PluginManifest]) -> Result<Prepared, HostError> {
         validate_all(manifests).map_err(HostError::Manifest)?;
         let old = self.current();
         let mut set = PluginSet::default();
@@ -322,11 +348,29 @@ impl PluginHost {
                 Err(e) => set.refuse(&mut summary, m, e.to_string()),
             }
         }
+        let providers: Vec<&Arc<Plugin>> = set
+            .plugins
+            .values()
+            .filter(|p| p.manifest().worlds.contains(&World::KvpProvider))
+            .collect();
+        let owned = assign_owners(providers.iter().map(|p| &p.described));
+        set.providers = providers
+            .into_iter()
+            .zip(owned)
+            .map(|(p, keys)| Provider::new(p.clone(), keys))
+            .collect();
+        Ok(Prepared { set, summary })
+    }
+
+    /// Puts a prepared set in force. Calls in flight finish on the plugins
+    /// they started with; plugins left out of the set are dropped when their
+    /// last call ends.
+    pub fn commit(&self, prepared: Prepared) -> LoadSummary {
         *self
             .plugins
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
-        Ok(summary)
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(prepared.set);
+        prepared.summary
     }
 
     async fn load_one(
@@ -376,7 +420,7 @@ impl PluginHost {
                 )));
             }
         }
-        let plugin = Plugin {
+        let mut plugin = Plugin {
             sandbox: self.sandbox.clone(),
             ctx: Arc::new(PluginContext {
                 manifest: m.clone(),
@@ -388,23 +432,24 @@ impl PluginHost {
             exports,
             cache,
             provider: tokio::sync::Mutex::new(None),
-            provider_keys: Mutex::new(ProviderKeys {
+            described: ProviderKeys {
                 plugin: m.name.clone(),
                 ..ProviderKeys::default()
-            }),
+            },
             health: Mutex::default(),
             calls: AtomicU64::new(0),
             disabled: AtomicBool::new(false),
             failing: AtomicBool::new(false),
         };
         if m.worlds.contains(&World::KvpProvider) {
-            // Instantiating now both proves the component starts and fills the key list.
+            // Instantiating now both proves the component starts and learns its keys.
             let (inst, info) = plugin
                 .provider_instance()
                 .await
                 .map_err(|e| refused(e.to_string()))?;
-            plugin.set_described(info);
-            *plugin.provider.lock().await = Some(inst);
+            let (owned, subscribe) = claims(info);
+            plugin.described = described_keys(m, owned, subscribe);
+            *plugin.provider.get_mut() = Some(inst);
         }
         Ok(plugin)
     }

@@ -365,43 +365,14 @@ async fn a_spinning_hvsock_service_is_stopped_and_an_echo_connection_still_works
     served.expect("echo connection ends cleanly");
 }
 
-/// Collects formatted log lines in memory.
-#[derive(Clone, Default)]
-struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn stdout_stderr_and_logging_reach_tracing_tagged_with_the_plugin() {
     let lines = Lines::default();
-    let sink = lines.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = lines.capture(tracing::Level::INFO);
     let scratch = Scratch::new();
     let host = setup(&scratch).await;
     assert_eq!(text(get(&host, "print").await.expect("print")), "printed");
-    let out = String::from_utf8_lossy(
-        &lines
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    )
-    .into_owned();
+    let out = lines.text();
     for needle in ["to stdout", "to stderr", "through the logging import"] {
         let line = out
             .lines()
