@@ -33,6 +33,15 @@ impl Plugin {
         Duration::from_millis(self.manifest().limits.call_deadline_ms)
     }
 
+    /// Runs `fut`, a call into one of this plugin's stores, under [`guarded`].
+    async fn guarded<T>(
+        &self,
+        deadline: Duration,
+        fut: impl Future<Output = wasmtime::Result<T>>,
+    ) -> Result<T, CallError> {
+        guarded(&self.sandbox.ticker, self.name(), deadline, fut).await
+    }
+
     fn instantiate_error(&self, e: wasmtime::Error) -> CallError {
         CallError::Instantiate {
             plugin: self.name().to_owned(),
@@ -48,16 +57,13 @@ impl Plugin {
         let mut store = new_store(&self.sandbox.engine, &self.ctx)?;
         self.health().instantiations += 1;
         store.set_epoch_deadline(epoch_ticks(deadline));
-        let instance = guarded(
-            self.name(),
-            deadline,
-            self.pre.instantiate_async(&mut store),
-        )
-        .await
-        .map_err(|e| match e {
-            CallError::Trap { plugin, message } => CallError::Instantiate { plugin, message },
-            other => other,
-        })?;
+        let instance = self
+            .guarded(deadline, self.pre.instantiate_async(&mut store))
+            .await
+            .map_err(|e| match e {
+                CallError::Trap { plugin, message } => CallError::Instantiate { plugin, message },
+                other => other,
+            })?;
         Ok((store, instance))
     }
 
@@ -80,7 +86,9 @@ impl Plugin {
             .load(&mut store, &instance)
             .map_err(|e| self.instantiate_error(e))?;
         store.set_epoch_deadline(epoch_ticks(deadline));
-        let info = guarded(self.name(), deadline, guest.call_describe(&mut store)).await?;
+        let info = self
+            .guarded(deadline, guest.call_describe(&mut store))
+            .await?;
         Ok((
             ProviderInstance {
                 store,
@@ -116,7 +124,8 @@ impl Plugin {
             };
             inst.calls += 1;
             inst.store.set_epoch_deadline(epoch_ticks(deadline));
-            guarded(self.name(), deadline, call(&inst.guest, &mut inst.store)).await
+            self.guarded(deadline, call(&inst.guest, &mut inst.store))
+                .await
         }
         .await;
         match &result {
@@ -142,7 +151,7 @@ impl Plugin {
             let (mut store, instance) = self.instantiate(deadline).await?;
             let guest = load(&mut store, &instance).map_err(|e| self.instantiate_error(e))?;
             store.set_epoch_deadline(epoch_ticks(deadline));
-            guarded(self.name(), deadline, call(&guest, &mut store)).await
+            self.guarded(deadline, call(&guest, &mut store)).await
         }
         .await;
         match &result {

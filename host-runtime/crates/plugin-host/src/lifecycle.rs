@@ -282,6 +282,13 @@ impl PluginHost {
         &self.sandbox.engine
     }
 
+    /// How many times the engine's epoch has advanced since the host
+    /// started. It advances every [`crate::EPOCH_TICK`] while a call into a
+    /// plugin is in flight, and stands still while none is.
+    pub fn epoch_ticks(&self) -> u64 {
+        self.sandbox.ticker.ticks()
+    }
+
     /// The cache directory.
     pub fn cache_dir(&self) -> &Path {
         self.cache.dir()

@@ -8,7 +8,7 @@ use wasmtime::{Engine, Store, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::CallError;
-use crate::engine::MAX_WASM_STACK;
+use crate::engine::{EpochTicker, MAX_WASM_STACK};
 use crate::manifest::Access;
 use crate::state::{HostState, PluginContext};
 use crate::stdio::TracingStdio;
@@ -72,12 +72,15 @@ pub(crate) fn new_store(
 
 /// Runs `fut` (a call into a store of `plugin`) under both deadlines: the
 /// epoch deadline stops wasm that spins, the wall-clock timeout stops a call
-/// that waits on the host. Either way the instance must be dropped.
+/// that waits on the host. Either way the instance must be dropped. The call
+/// counts as in flight for `ticker` until it ends or is cancelled.
 pub(crate) async fn guarded<T>(
+    ticker: &EpochTicker,
     plugin: &str,
     deadline: Duration,
     fut: impl Future<Output = wasmtime::Result<T>>,
 ) -> Result<T, CallError> {
+    let _in_flight = ticker.enter();
     let start = Instant::now();
     let mut fut = std::pin::pin!(fut);
     // Most calls never wait on the host (a provider answering from memory),

@@ -88,6 +88,53 @@ async fn infinite_loop_is_stopped_at_the_call_deadline_and_the_neighbour_keeps_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_stands_still_while_idle_and_a_spinning_call_is_still_stopped_at_its_deadline() {
+    let scratch = Scratch::new();
+    let host = setup(&scratch).await;
+    // The tick that was asleep when the load ended may still come.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let idle = host.epoch_ticks();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        host.epoch_ticks(),
+        idle,
+        "the epoch ticker ran with no call in flight"
+    );
+    let t = Instant::now();
+    let e = get(&host, "spin").await.expect_err("spin must be stopped");
+    assert!(
+        matches!(
+            e,
+            CallError::Deadline {
+                deadline_ms: 50,
+                ..
+            }
+        ),
+        "got {e:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        t.elapsed()
+    );
+    // The epoch deadline (51 ticks of 1 ms) is what stopped it.
+    assert!(
+        host.epoch_ticks() >= idle + 50,
+        "{}",
+        host.epoch_ticks() - idle
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let after = host.epoch_ticks();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        host.epoch_ticks(),
+        after,
+        "the ticker kept running after the call"
+    );
+    assert_neighbour_answers(&host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_bomb_fails_at_the_memory_cap_and_the_neighbour_keeps_answering() {
     let scratch = Scratch::new();
     let (host, _) = host(&scratch);
