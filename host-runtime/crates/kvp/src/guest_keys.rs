@@ -3,13 +3,14 @@
 //! A provider (the runtime implements [`GuestKeyProvider`] over the plugin host, one per plugin) owns
 //! the keys it declares; a key has one owner. Keys that cannot be in a pool record, and keys an
 //! earlier provider already owns, are dropped with a warning: one bad provider never costs the others
-//! their keys, and building the registry cannot fail. When the host enumerates
-//! or gets the Guest pool, owned keys appear after the file's records (a file record with an owned
-//! key is hidden). Values are fetched concurrently under **one** deadline per host request, cached
-//! for `cache_ttl`, and a provider that fails or misses the deadline yields its last good value (or
-//! the key is left out) and a log line. The host's request is never failed, and never waits past
-//! the deadline: a late answer is kept (in the background) for the next request, and at most one
-//! fetch per key is in flight.
+//! their keys, and building the registry cannot fail.
+//!
+//! When the host enumerates or gets the Guest pool, owned keys appear after the file's records (a
+//! file record with an owned key is hidden). Values are fetched concurrently under **one** deadline
+//! per host request, cached for `cache_ttl`, and a provider that fails or misses the deadline yields
+//! its last good value (or the key is left out) and a log line. The host's request is never failed,
+//! and never waits past the deadline: a late answer is kept (in the background) for the next
+//! request, and at most one fetch per key is in flight.
 
 use std::collections::HashMap;
 use std::future::Future;

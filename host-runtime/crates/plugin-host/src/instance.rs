@@ -42,18 +42,13 @@ impl Plugin {
         guarded(&self.sandbox.ticker, self.name(), deadline, fut).await
     }
 
-    fn instantiate_error(&self, e: wasmtime::Error) -> CallError {
-        CallError::Instantiate {
-            plugin: self.name().to_owned(),
-            message: format!("{e:#}"),
-        }
-    }
-
-    /// A fresh store and instance, the component's start-up bounded by `deadline`.
-    async fn instantiate(
+    /// A fresh store and instance, the component's start-up bounded by
+    /// `deadline`, with the export `load` picks, ready for a call within `deadline`.
+    async fn instantiate<G>(
         &self,
         deadline: Duration,
-    ) -> Result<(Store<HostState>, Instance), CallError> {
+        load: impl FnOnce(&mut Store<HostState>, &Instance) -> wasmtime::Result<G>,
+    ) -> Result<(Store<HostState>, G), CallError> {
         let mut store = new_store(&self.sandbox.engine, &self.ctx)?;
         self.health().instantiations += 1;
         store.set_epoch_deadline(epoch_ticks(deadline));
@@ -64,7 +59,12 @@ impl Plugin {
                 CallError::Trap { plugin, message } => CallError::Instantiate { plugin, message },
                 other => other,
             })?;
-        Ok((store, instance))
+        let guest = load(&mut store, &instance).map_err(|e| CallError::Instantiate {
+            plugin: self.name().to_owned(),
+            message: format!("{e:#}"),
+        })?;
+        store.set_epoch_deadline(epoch_ticks(deadline));
+        Ok((store, guest))
     }
 
     /// A new provider instance and its answer to `describe` (which the WIT
@@ -81,11 +81,7 @@ impl Plugin {
                 world: World::KvpProvider,
             })?;
         let deadline = self.call_deadline();
-        let (mut store, instance) = self.instantiate(deadline).await?;
-        let guest = idx
-            .load(&mut store, &instance)
-            .map_err(|e| self.instantiate_error(e))?;
-        store.set_epoch_deadline(epoch_ticks(deadline));
+        let (mut store, guest) = self.instantiate(deadline, |s, i| idx.load(s, i)).await?;
         let info = self
             .guarded(deadline, guest.call_describe(&mut store))
             .await?;
@@ -148,9 +144,7 @@ impl Plugin {
     ) -> Result<T, CallError> {
         self.check_enabled()?;
         let result = async {
-            let (mut store, instance) = self.instantiate(deadline).await?;
-            let guest = load(&mut store, &instance).map_err(|e| self.instantiate_error(e))?;
-            store.set_epoch_deadline(epoch_ticks(deadline));
+            let (mut store, guest) = self.instantiate(deadline, load).await?;
             self.guarded(deadline, call(&guest, &mut store)).await
         }
         .await;

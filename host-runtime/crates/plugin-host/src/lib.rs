@@ -6,19 +6,22 @@
 //! runtime's services make into them:
 //!
 //! - [`manifest`]: the `[[plugin]]` config tables and their validation;
-//! - [`PluginHost`]: the `.cwasm` cache, the plugin set, load and reload,
-//!   health and status (`lifecycle`), on one engine whose epoch ticker gives
-//!   every call its CPU deadline (`engine`);
+//! - [`PluginHost`]: the `.cwasm` cache, the plugin set, load and reload
+//!   ([`PluginHost::prepare`] then [`PluginHost::commit`], so a reload is all
+//!   or nothing), health and status (`lifecycle`), on one engine whose epoch
+//!   ticker gives every call its CPU deadline and idles between calls
+//!   (`engine`);
 //! - `store`: what one instance may see and use (WASI context, memory and
 //!   table limits) and how a call into it is bounded in time; `instance`:
 //!   which instance a call runs on (fresh, or a provider's long-lived one)
 //!   and the trap accounting of its outcome;
 //! - `worlds`: one module per world (KVP provider, freeze hooks, freeze
-//!   policy, hvsock service) with what each call passes in and out;
+//!   policy, hvsock service) with what each call passes in and out, and the
+//!   checks on the answers (a provider's keys: [`Provider`], [`ProviderKeys`]);
 //! - [`KvpStore`] and [`HvsockConnector`]: what the runtime implements for
 //!   the plugins' imports (grants are checked here first);
 //! - [`check()`]: what `hvisd plugin check` prints;
-//! - [`bench`]: what `hvisd bench plugin` prints;
+//! - [`bench`](mod@bench): what `hvisd bench plugin` prints;
 //! - [`build`]: builds the plugins of `plugins/` for wasm32-wasip2.
 #![forbid(unsafe_code)]
 

@@ -31,7 +31,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Pool, key_problem};
+use crate::types::{MAX_KEY_LEN, Pool, key_problem};
 
 /// The plugin kinds (WIT worlds) a manifest may claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -304,7 +304,7 @@ impl PluginManifest {
                     err(
                         &format!("kvp[{i}].keys[{j}]"),
                         format!("pattern `{}` {problem}", k.escape_default()),
-                        "use a pattern of 1 to 511 bytes without NUL",
+                        &format!("use a pattern of 1 to {MAX_KEY_LEN} bytes without NUL"),
                     );
                 }
             }

@@ -1,6 +1,8 @@
 //! The `hvsock-service` world: one accepted connection served by a fresh
 //! instance of the plugin listening on its service.
 
+use std::time::Duration;
+
 use crate::CallError;
 use crate::lifecycle::PluginHost;
 use crate::manifest::World;
@@ -8,7 +10,6 @@ use crate::state::bindings::exports::hyperv::integration::hvsock_service;
 use crate::state::{BoxedReader, BoxedWriter, push_streams};
 use crate::text::truncate;
 use crate::types::KvpError;
-use std::time::Duration;
 
 impl PluginHost {
     /// hvsock services to listen on, and the plugin serving each.
