@@ -6,8 +6,8 @@ use crate::config::Config;
 use crate::services::Services;
 use hvisd_kvp::guest_keys::ValueFuture;
 use hvisd_kvp::{GuestKeyProvider, GuestKeys, KvpCore, PoolHandle};
-use hvisd_plugin_host::{HostServices, KvpError, KvpStore, PluginHost, Pool, Value};
-use hvisd_protocol::kvp::Pool as WirePool;
+use hvisd_plugin_host::{HostServices, KvpError, KvpFuture, KvpStore, PluginHost, Provider};
+use hvisd_protocol::kvp::{Pool, Value};
 use std::sync::Arc;
 
 /// The plugins' `kvp-store` import over the real pool files (the same store the KVP service uses, so
@@ -22,122 +22,82 @@ impl PoolKvpStore {
         Self { store }
     }
 
-    fn with<T: Send + 'static>(
-        &self,
-        f: impl AsyncFnOnce(&PoolHandle) -> Result<T, hvisd_kvp::StoreError>,
-    ) -> Result<T, KvpError> {
-        // The import is synchronous; the pool store is served by its own thread. Waiting for it
-        // here must not stall the other tasks of this worker thread.
-        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f(&self.store)))
-            .map_err(|e| KvpError::Unavailable(e.to_string()))
-    }
-}
-
-/// The wire pool a plugin pool names.
-pub fn wire_pool(pool: Pool) -> WirePool {
-    match pool {
-        Pool::External => WirePool::External,
-        Pool::Guest => WirePool::Guest,
-        Pool::Auto => WirePool::Auto,
-        Pool::AutoExternal => WirePool::AutoExternal,
-        Pool::Internal => WirePool::AutoInternal,
-    }
-}
-
-/// The plugin pool for a wire pool.
-pub fn plugin_pool(pool: WirePool) -> Pool {
-    match pool {
-        WirePool::External => Pool::External,
-        WirePool::Guest => Pool::Guest,
-        WirePool::Auto => Pool::Auto,
-        WirePool::AutoExternal => Pool::AutoExternal,
-        WirePool::AutoInternal => Pool::Internal,
-    }
-}
-
-/// Pool files hold UTF-8 strings (as `hv_kvp_daemon` stores REG_U32/REG_U64 values sent by the host:
-/// in decimal), so numbers are written in decimal too.
-fn value_text(value: &Value) -> String {
-    match value {
-        Value::Text(s) => s.clone(),
-        Value::U32(n) => n.to_string(),
-        Value::U64(n) => n.to_string(),
+    /// Runs `f` against the pool-store thread (its own thread: file locks another process holds
+    /// never stall an async worker).
+    fn with<T, F>(&self, f: impl FnOnce(PoolHandle) -> F) -> KvpFuture<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, hvisd_kvp::StoreError>> + Send + 'static,
+    {
+        let fut = f(self.store.clone());
+        Box::pin(async move { fut.await.map_err(|e| KvpError::Unavailable(e.to_string())) })
     }
 }
 
 impl KvpStore for PoolKvpStore {
-    fn get(&self, pool: Pool, key: &str) -> Result<Option<Value>, KvpError> {
-        let key = key.to_owned();
-        self.with(async |s| s.get(wire_pool(pool), key).await)
-            .map(|v| v.map(Value::Text))
+    fn get(&self, pool: Pool, key: String) -> KvpFuture<Option<Value>> {
+        self.with(|s| async move { Ok(s.get(pool, key).await?.map(Value::Text)) })
     }
-    fn set(&self, pool: Pool, key: &str, value: &Value) -> Result<(), KvpError> {
-        let (key, value) = (key.to_owned(), value_text(value));
-        self.with(async |s| s.set(wire_pool(pool), key, value).await)
+    fn set(&self, pool: Pool, key: String, value: Value) -> KvpFuture<()> {
+        self.with(|s| async move { s.set(pool, key, value.into_text()).await })
     }
-    fn delete(&self, pool: Pool, key: &str) -> Result<bool, KvpError> {
-        let key = key.to_owned();
-        self.with(async |s| s.delete(wire_pool(pool), key).await)
+    fn delete(&self, pool: Pool, key: String) -> KvpFuture<bool> {
+        self.with(|s| async move { s.delete(pool, key).await })
     }
-    fn list(&self, pool: Pool) -> Result<Vec<String>, KvpError> {
-        self.with(async |s| s.list(wire_pool(pool)).await)
-            .map(|kv| kv.into_iter().map(|(k, _)| k).collect())
+    fn list(&self, pool: Pool) -> KvpFuture<Vec<String>> {
+        self.with(|s| async move { Ok(s.list(pool).await?.into_iter().map(|(k, _)| k).collect()) })
     }
 }
 
 /// One KVP-provider plugin as a source of Guest-pool values.
 struct PluginKeys {
-    host: Arc<PluginHost>,
-    plugin: String,
+    provider: Provider,
     keys: Vec<String>,
 }
 
 impl GuestKeyProvider for PluginKeys {
     fn name(&self) -> &str {
-        &self.plugin
+        self.provider.name()
     }
     fn keys(&self) -> Vec<String> {
         self.keys.clone()
     }
     fn value(&self, key: &str) -> ValueFuture {
-        let host = self.host.clone();
-        let plugin = self.plugin.clone();
+        let provider = self.provider.clone();
         let key = key.to_owned();
         Box::pin(async move {
-            host.provider_get(&plugin, Pool::Guest, &key)
+            provider
+                .get(Pool::Guest, &key)
                 .await
-                .map(|v| value_text(&v))
+                .map(Value::into_text)
                 .map_err(|e| e.to_string())
         })
     }
 }
 
-/// One Guest-pool key source per KVP-provider plugin the host has loaded now.
-pub fn providers(host: &Arc<PluginHost>) -> Vec<Arc<dyn GuestKeyProvider>> {
-    host.provider_keys()
-        .into_iter()
+/// One Guest-pool key source per provider, with the Guest-pool keys it owns in its plugin set.
+pub fn guest_key_providers(providers: &[Provider]) -> Vec<Arc<dyn GuestKeyProvider>> {
+    providers
+        .iter()
         .map(|p| {
             let keys = p
+                .keys()
                 .keys
                 .iter()
                 .filter(|k| k.pool == Pool::Guest)
                 .map(|k| k.key.clone())
                 .collect();
             Arc::new(PluginKeys {
-                host: host.clone(),
-                plugin: p.plugin,
+                provider: p.clone(),
                 keys,
             }) as Arc<dyn GuestKeyProvider>
         })
         .collect()
 }
 
-/// Builds the Guest-pool key set from the providers the host has loaded now.
-pub fn guest_keys(
-    host: &Arc<PluginHost>,
-    config: &Config,
-) -> Result<GuestKeys, hvisd_kvp::guest_keys::GuestKeyError> {
-    GuestKeys::new(providers(host), config.kvp.guest_key_options())
+/// One Guest-pool key source per KVP-provider plugin the host runs now.
+pub fn providers(host: &PluginHost) -> Vec<Arc<dyn GuestKeyProvider>> {
+    guest_key_providers(&host.providers())
 }
 
 /// Why plugins could not start.
@@ -146,9 +106,6 @@ pub enum PluginSetupError {
     /// The plugin host could not start or the manifests are invalid.
     #[error(transparent)]
     Host(#[from] hvisd_plugin_host::HostError),
-    /// Two providers claim one Guest-pool key.
-    #[error("plugin keys: {0}")]
-    Keys(#[from] hvisd_kvp::guest_keys::GuestKeyError),
     /// Plugins need the KVP store.
     #[error(
         "plugins are configured but [services] kvp = false; the kvp-store import needs the pools"
@@ -191,18 +148,27 @@ impl Plugins {
         Ok(Some(plugins))
     }
 
-    /// Loads (or reloads) the plugins of `config` and refreshes the Guest-pool keys. A failed reload
-    /// keeps what was running. In-flight calls finish on the instances they started on.
+    /// Loads (or reloads) the plugins of `config` and refreshes the Guest-pool keys, all or nothing:
+    /// the new plugin set and its key map are both built before either replaces the running ones,
+    /// so a reload that fails (invalid manifests) changes nothing. A provider's bad or contested keys
+    /// are dropped with a warning, never failing the reload. In-flight calls finish on the
+    /// instances they started on.
     pub async fn apply(&self, config: &Config) -> Result<(), PluginSetupError> {
-        let summary = self.host.reload(&config.plugin).await?;
+        let prepared = self.host.prepare(&config.plugin).await?;
+        let keys = GuestKeys::new(
+            guest_key_providers(prepared.providers()),
+            config.kvp.guest_key_options(),
+        );
+        // The keys first: they call the prepared providers directly, so from this moment host
+        // requests see the new key map and its plugins, and the commit only publishes the set.
+        self.kvp.set_guest_keys(keys);
+        let summary = self.host.commit(prepared);
         for name in &summary.loaded {
             tracing::info!(plugin = %name, "plugin loaded");
         }
         for (name, why) in &summary.refused {
             tracing::error!(plugin = %name, "plugin refused: {why}");
         }
-        let keys = guest_keys(&self.host, config)?;
-        self.kvp.set_guest_keys(keys);
         Ok(())
     }
 
@@ -216,11 +182,7 @@ impl Plugins {
                     Ok(event) => {
                         let Some(value) = event.value else { continue };
                         for e in host
-                            .notify_host_set(
-                                plugin_pool(event.pool),
-                                &event.key,
-                                &Value::Text(value),
-                            )
+                            .notify_host_set(event.pool, &event.key, &Value::Text(value))
                             .await
                         {
                             tracing::warn!("host-set notification: {e}");
@@ -235,5 +197,38 @@ impl Plugins {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hvisd_kvp::StoreOptions;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_kvp_store_import_reaches_the_pool_files_off_the_async_worker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pools = hvisd_kvp::PoolStore::open(dir.path(), StoreOptions::default()).expect("pools");
+        let store = PoolKvpStore::new(PoolHandle::spawn(pools).expect("pool thread"));
+        store
+            .set(Pool::Guest, "app.count".into(), Value::U32(7))
+            .await
+            .expect("set");
+        // Numbers are stored in decimal, as hv_kvp_daemon stores the host's REG_U32 values.
+        let mut check =
+            hvisd_kvp::PoolStore::open(dir.path(), StoreOptions::default()).expect("pools");
+        assert_eq!(
+            check
+                .get(Pool::Guest, "app.count")
+                .expect("read the pool file"),
+            Some("7".into())
+        );
+        assert_eq!(
+            store
+                .get(Pool::Guest, "app.count".into())
+                .await
+                .expect("get"),
+            Some(Value::Text("7".into()))
+        );
     }
 }

@@ -184,7 +184,6 @@ pub fn describe(dir: &Path, dev_dir: &Path) -> Result<UioDevice, UioError> {
     })
 }
 
-
 impl UioDevice {
     /// Opens `/dev/uioN`, maps map 0 and uses the same descriptor as the doorbell.
     pub fn open(&self, label: &str) -> Result<Channel, UioError> {

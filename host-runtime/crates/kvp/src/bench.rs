@@ -130,8 +130,7 @@ pub fn setup(
                 (0..plugin_keys).map(|i| format!("PluginKey{i}")).collect(),
             )) as Arc<dyn GuestKeyProvider>]
         });
-        let keys = GuestKeys::new(providers, GuestKeyOptions::default())
-            .map_err(|e| BenchError::Setup(e.to_string()))?;
+        let keys = GuestKeys::new(providers, GuestKeyOptions::default());
         core.set_guest_keys(keys);
     }
     Ok(core)

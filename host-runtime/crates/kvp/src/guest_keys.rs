@@ -1,13 +1,16 @@
 //! Guest-pool keys owned by KVP-provider plugins.
 //!
-//! A provider (the lead implements [`GuestKeyProvider`] over the plugin host, one per plugin) owns
-//! the keys its manifest declares; two providers cannot own the same key. When the host enumerates
-//! or gets the Guest pool, owned keys appear after the file's records (a file record with an owned
-//! key is hidden). Values are fetched concurrently under **one** deadline per host request, cached
-//! for `cache_ttl`, and a provider that fails or misses the deadline yields its last good value (or
-//! the key is left out) and a log line. The host's request is never failed, and never waits past
-//! the deadline: a late answer is kept (in the background) for the next request, and at most one
-//! fetch per key is in flight.
+//! A provider (the runtime implements [`GuestKeyProvider`] over the plugin host, one per plugin) owns
+//! the keys it declares; a key has one owner. Keys that cannot be in a pool record, and keys an
+//! earlier provider already owns, are dropped with a warning: one bad provider never costs the others
+//! their keys, and building the registry cannot fail.
+//!
+//! When the host enumerates or gets the Guest pool, owned keys appear after the file's records (a
+//! file record with an owned key is hidden). Values are fetched concurrently under **one** deadline
+//! per host request, cached for `cache_ttl`, and a provider that fails or misses the deadline yields
+//! its last good value (or the key is left out) and a log line. The host's request is never failed,
+//! and never waits past the deadline: a late answer is kept (in the background) for the next
+//! request, and at most one fetch per key is in flight.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,7 +18,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hvisd_protocol::kvp::{MAX_KEY_SIZE, MAX_VALUE_SIZE};
+use hvisd_protocol::kvp::{MAX_KEY_LEN, MAX_VALUE_SIZE};
 
 /// The future a provider returns for one value: the value, or why not (logged).
 pub type ValueFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'static>>;
@@ -47,29 +50,6 @@ impl Default for GuestKeyOptions {
             cache_ttl: Duration::from_secs(5),
         }
     }
-}
-
-/// Why a set of providers cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum GuestKeyError {
-    /// Two providers declare the same key.
-    #[error("KVP key {key:?} is claimed by both {first} and {second}; a key can have one owner")]
-    DuplicateOwner {
-        /// The key.
-        key: String,
-        /// The provider that declared it first.
-        first: String,
-        /// The other one.
-        second: String,
-    },
-    /// A key is empty or does not fit a pool record.
-    #[error("KVP provider {provider}: key {key:?} must be 1 to 511 bytes")]
-    BadKey {
-        /// The provider.
-        provider: String,
-        /// The key.
-        key: String,
-    },
 }
 
 #[derive(Default)]
@@ -118,35 +98,43 @@ impl Drop for InFlight {
 }
 
 impl GuestKeys {
-    /// Checks ownership (one owner per key, keys 1..=511 bytes) and builds the registry.
-    pub fn new(
-        providers: Vec<Arc<dyn GuestKeyProvider>>,
-        options: GuestKeyOptions,
-    ) -> Result<GuestKeys, GuestKeyError> {
+    /// Builds the registry: each provider's keys in order, except keys that are empty, longer than
+    /// [`MAX_KEY_LEN`] bytes or contain NUL, and keys an earlier provider already owns (the first
+    /// provider in `providers` keeps a key). Each dropped key is logged with its provider.
+    pub fn new(providers: Vec<Arc<dyn GuestKeyProvider>>, options: GuestKeyOptions) -> GuestKeys {
         let mut keys: Vec<(String, Arc<dyn GuestKeyProvider>)> = Vec::new();
+        let mut owner: HashMap<String, usize> = HashMap::new();
         for p in providers {
             for key in p.keys() {
-                if key.is_empty() || key.len() >= MAX_KEY_SIZE || key.contains('\0') {
-                    return Err(GuestKeyError::BadKey {
-                        provider: p.name().to_string(),
-                        key,
-                    });
+                let problem = if key.is_empty() {
+                    Some("it is empty".to_string())
+                } else if key.len() > MAX_KEY_LEN {
+                    Some(format!("it is {} bytes, limit {MAX_KEY_LEN}", key.len()))
+                } else if key.contains('\0') {
+                    Some("it contains NUL".to_string())
+                } else {
+                    owner
+                        .get(&key)
+                        .map(|&i| format!("{} owns it", keys[i].1.name()))
+                };
+                if let Some(problem) = problem {
+                    let shown: String = key
+                        .chars()
+                        .take(64)
+                        .flat_map(char::escape_default)
+                        .collect();
+                    tracing::warn!(provider = p.name(), key = %shown, "KVP plugin key dropped: {problem}");
+                    continue;
                 }
-                if let Some((_, first)) = keys.iter().find(|(k, _)| *k == key) {
-                    return Err(GuestKeyError::DuplicateOwner {
-                        key,
-                        first: first.name().to_string(),
-                        second: p.name().to_string(),
-                    });
-                }
+                owner.insert(key.clone(), keys.len());
                 keys.push((key, p.clone()));
             }
         }
-        Ok(GuestKeys {
+        GuestKeys {
             keys,
             cache: Arc::new(Mutex::new(HashMap::new())),
             options,
-        })
+        }
     }
 
     /// Whether `key` is owned by a provider.
@@ -314,20 +302,31 @@ mod tests {
     }
 
     #[test]
-    fn two_providers_cannot_own_the_same_key() {
-        let (a, _) = fake("a", vec!["k"], 0, false);
-        let (b, _) = fake("b", vec!["k"], 0, false);
-        let err = GuestKeys::new(vec![a, b], opts()).unwrap_err();
+    fn a_key_claimed_by_two_providers_stays_with_the_first() {
+        let (a, _) = fake("a", vec!["k", "a"], 0, false);
+        let (b, _) = fake("b", vec!["b", "k"], 0, false);
+        let keys = GuestKeys::new(vec![a, b], opts());
+        assert_eq!(keys.keys().collect::<Vec<_>>(), ["k", "a", "b"]);
         assert_eq!(
-            err.to_string(),
-            "KVP key \"k\" is claimed by both a and b; a key can have one owner"
+            format!("{keys:?}"),
+            r#"GuestKeys { keys: [("k", "a"), ("a", "a"), ("b", "b")] }"#
         );
+    }
+
+    #[test]
+    fn keys_that_do_not_fit_a_pool_record_are_dropped_and_the_rest_kept() {
+        let longest: &'static str = "k".repeat(MAX_KEY_LEN).leak();
+        let too_long: &'static str = "k".repeat(MAX_KEY_LEN + 1).leak();
+        let (a, _) = fake("a", vec!["", "nul\0", too_long, "good", longest], 0, false);
+        let keys = GuestKeys::new(vec![a], opts());
+        assert_eq!(keys.keys().collect::<Vec<_>>(), ["good", longest]);
+        assert!(!keys.owns(too_long.as_bytes()));
     }
 
     #[tokio::test]
     async fn values_are_cached_for_the_ttl() {
         let (a, calls) = fake("a", vec!["k1", "k2"], 0, false);
-        let keys = GuestKeys::new(vec![a], opts()).unwrap();
+        let keys = GuestKeys::new(vec![a], opts());
         assert_eq!(
             keys.snapshot().await,
             vec![("k1".into(), "k1-0".into()), ("k2".into(), "k2-1".into())]
@@ -340,7 +339,7 @@ mod tests {
     async fn a_slow_provider_is_skipped_within_the_deadline_and_its_late_value_is_kept() {
         let (slow, _) = fake("slow", vec!["s"], 1000, false);
         let (good, _) = fake("good", vec!["g"], 0, false);
-        let keys = GuestKeys::new(vec![slow, good], opts()).unwrap();
+        let keys = GuestKeys::new(vec![slow, good], opts());
         let t = Instant::now();
         assert_eq!(keys.snapshot().await, vec![("g".into(), "g-0".into())]);
         assert!(
@@ -380,8 +379,7 @@ mod tests {
                 deadline: Duration::from_millis(50),
                 cache_ttl: Duration::ZERO,
             },
-        )
-        .unwrap();
+        );
         assert_eq!(keys.value(b"f").await.as_deref(), Some("good"));
         assert_eq!(keys.value(b"f").await.as_deref(), Some("good"));
         assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -390,7 +388,7 @@ mod tests {
     #[tokio::test]
     async fn a_provider_that_always_fails_is_left_out() {
         let (bad, _) = fake("bad", vec!["b"], 0, true);
-        let keys = GuestKeys::new(vec![bad], opts()).unwrap();
+        let keys = GuestKeys::new(vec![bad], opts());
         assert!(keys.snapshot().await.is_empty());
         assert!(keys.owns(b"b"));
     }

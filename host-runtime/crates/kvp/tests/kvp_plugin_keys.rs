@@ -98,16 +98,13 @@ async fn plugin_keys_follow_the_file_records_and_bad_plugins_never_delay_the_hos
             .unwrap();
     }
     let deadline = Duration::from_millis(150);
-    core.set_guest_keys(
-        GuestKeys::new(
-            providers(),
-            GuestKeyOptions {
-                deadline,
-                cache_ttl: Duration::from_secs(30),
-            },
-        )
-        .unwrap(),
-    );
+    core.set_guest_keys(GuestKeys::new(
+        providers(),
+        GuestKeyOptions {
+            deadline,
+            cache_ttl: Duration::from_secs(30),
+        },
+    ));
     let (keys, took) = enumerate_guest(&core).await;
     // The file record owned by a plugin is hidden; the slow and the trapping keys have no value
     // yet and are skipped; the whole enumeration waited at most about one deadline.
@@ -134,7 +131,7 @@ async fn plugin_keys_follow_the_file_records_and_bad_plugins_never_delay_the_hos
 async fn a_plugin_key_reaches_the_host_over_vmbus_get_and_enumerate() {
     let d = tempfile::tempdir().unwrap();
     let core = common::core_in(d.path());
-    core.set_guest_keys(GuestKeys::new(providers(), GuestKeyOptions::default()).unwrap());
+    core.set_guest_keys(GuestKeys::new(providers(), GuestKeyOptions::default()));
     let service = hvisd_kvp::KvpService::new(Arc::new(core)).await;
     let mut body = KvpRequest::Get {
         pool: 1,

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::HostError;
-use crate::host::{FreezeContext, HostServices, PluginHost, PreFreeze};
+use crate::lifecycle::{HostServices, PluginHost};
 use crate::manifest::{HvsockGrant, KvpGrant, Limits, PluginManifest, World};
 use crate::types::{MemoryKvpStore, Pool};
+use crate::worlds::freeze_hooks::{FreezeContext, PreFreeze};
 
 /// Inputs: the three example components and a cache directory.
 #[derive(Clone, Debug)]

@@ -8,7 +8,7 @@ use serde::Serialize;
 use wasmtime::component::Component;
 
 use crate::HostError;
-use crate::host::build_engine;
+use crate::engine::build_engine;
 use crate::manifest::{PluginManifest, World};
 use crate::state::bindings::exports::hyperv::integration::{
     freeze_hooks, freeze_policy, hvsock_service, kvp_provider,

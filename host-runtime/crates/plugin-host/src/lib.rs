@@ -6,14 +6,22 @@
 //! runtime's services make into them:
 //!
 //! - [`manifest`]: the `[[plugin]]` config tables and their validation;
-//! - [`PluginHost`]: one engine, the epoch ticker, the `.cwasm` cache, load
-//!   and reload, status, and every call (KVP provider, freeze hooks, freeze
-//!   policy, hvsock service), each with a deadline, a memory cap and trap
-//!   accounting;
+//! - [`PluginHost`]: the `.cwasm` cache, the plugin set, load and reload
+//!   ([`PluginHost::prepare`] then [`PluginHost::commit`], so a reload is all
+//!   or nothing), health and status (`lifecycle`), on one engine whose epoch
+//!   ticker gives every call its CPU deadline and idles between calls
+//!   (`engine`);
+//! - `store`: what one instance may see and use (WASI context, memory and
+//!   table limits) and how a call into it is bounded in time; `instance`:
+//!   which instance a call runs on (fresh, or a provider's long-lived one)
+//!   and the trap accounting of its outcome;
+//! - `worlds`: one module per world (KVP provider, freeze hooks, freeze
+//!   policy, hvsock service) with what each call passes in and out, and the
+//!   checks on the answers (a provider's keys: [`Provider`], [`ProviderKeys`]);
 //! - [`KvpStore`] and [`HvsockConnector`]: what the runtime implements for
 //!   the plugins' imports (grants are checked here first);
 //! - [`check()`]: what `hvisd plugin check` prints;
-//! - [`bench`]: what `hvisd bench plugin` prints;
+//! - [`bench`](mod@bench): what `hvisd bench plugin` prints;
 //! - [`build`]: builds the plugins of `plugins/` for wasm32-wasip2.
 #![forbid(unsafe_code)]
 
@@ -21,21 +29,29 @@ pub mod bench;
 pub mod build;
 mod cache;
 mod check;
-mod host;
+mod engine;
+mod instance;
+mod lifecycle;
 pub mod manifest;
 mod state;
 mod stdio;
+mod store;
+mod text;
 mod types;
+mod worlds;
 
 pub use cache::{CacheOutcome, ComponentCache};
 pub use check::{CheckReport, ManifestVerdict, check};
-pub use host::{
-    EPOCH_TICK, FreezeContext, FreezeOutcome, FreezePlan, HostServices, LoadSummary, Mount,
-    OwnedKey, PluginHost, PluginState, PluginStatus, PreFreeze, ProviderKeys, build_engine,
-};
+pub use engine::{EPOCH_TICK, build_engine};
+pub use lifecycle::{HostServices, LoadSummary, PluginHost, PluginState, PluginStatus, Prepared};
 pub use manifest::{ManifestError, PluginManifest, World};
 pub use state::{BoxedReader, BoxedWriter, ConnectFuture, HvsockConnector};
-pub use types::{KvpError, KvpStore, MemoryKvpStore, Pool, Value};
+pub use types::{
+    KvpError, KvpFuture, KvpStore, MAX_KEY_LEN, MAX_VALUE_LEN, MemoryKvpStore, Pool, Value,
+};
+pub use worlds::freeze_hooks::{FreezeContext, FreezeOutcome, PreFreeze};
+pub use worlds::freeze_policy::{FreezePlan, Mount};
+pub use worlds::kvp_provider::{MAX_OWNED_KEYS, OwnedKey, Provider, ProviderKeys};
 
 /// Errors from setting up the host or loading plugins.
 #[derive(Debug, thiserror::Error)]

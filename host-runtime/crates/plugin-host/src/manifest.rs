@@ -31,7 +31,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::Pool;
+use crate::types::{MAX_KEY_LEN, Pool, key_problem};
 
 /// The plugin kinds (WIT worlds) a manifest may claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -205,8 +205,6 @@ pub struct ManifestError {
     pub fix: String,
 }
 
-/// Longest key the KVP wire format carries, in bytes.
-pub const MAX_KEY_BYTES: usize = 512;
 const MAX_MEMORY_MIB: u32 = 4096;
 const MAX_DEADLINE_MS: u64 = 10 * 60 * 1000;
 
@@ -302,20 +300,18 @@ impl PluginManifest {
                 );
             }
             for (j, k) in g.keys.iter().enumerate() {
-                if k.is_empty() || k.len() > MAX_KEY_BYTES || k.contains('\0') {
+                if let Some(problem) = key_problem(k) {
                     err(
                         &format!("kvp[{i}].keys[{j}]"),
-                        format!(
-                            "pattern `{k}` is empty, has a NUL or is over {MAX_KEY_BYTES} bytes"
-                        ),
-                        "use a non-empty pattern of at most 512 bytes",
+                        format!("pattern `{}` {problem}", k.escape_default()),
+                        &format!("use a pattern of 1 to {MAX_KEY_LEN} bytes without NUL"),
                     );
                 }
             }
-            if g.pool == Pool::Internal && g.access == Access::ReadWrite {
+            if g.pool == Pool::AutoInternal && g.access == Access::ReadWrite {
                 err(
                     &format!("kvp[{i}].access"),
-                    "the internal pool belongs to Hyper-V".into(),
+                    "the internal pool (auto-internal) belongs to Hyper-V".into(),
                     "grant read-only on the internal pool, or drop the grant",
                 );
             }
@@ -508,6 +504,46 @@ mod tests {
         assert!(text.iter().any(|t| t.contains("field `limits.memory-mib`")));
         assert!(text.iter().any(|t| t.contains("field `kvp[0].keys[1]`")));
         assert!(text.iter().all(|t| t.contains("fix: ")));
+    }
+
+    #[test]
+    fn pools_are_named_as_the_operator_knows_them_and_internal_is_pool_4() {
+        let m: PluginManifest = toml::from_str(
+            r#"
+            name = "app"
+            path = "/p/app.wasm"
+            worlds = ["kvp-provider"]
+            [[kvp]]
+            pool = "internal"
+            keys = ["*"]
+            [[kvp]]
+            pool = "auto-internal"
+            keys = ["*"]
+            [[kvp]]
+            pool = "auto-external"
+            keys = ["*"]
+            "#,
+        )
+        .expect("parses");
+        let pools: Vec<Pool> = m.kvp.iter().map(|g| g.pool).collect();
+        assert_eq!(
+            pools,
+            [Pool::AutoInternal, Pool::AutoInternal, Pool::AutoExternal]
+        );
+        m.validate().expect("read-only grants on pool 4 are fine");
+    }
+
+    #[test]
+    fn a_pattern_over_511_bytes_is_refused() {
+        let mut m = sample();
+        m.kvp[0].keys = vec!["k".repeat(511)];
+        m.validate().expect("511 bytes fit a pool record");
+        m.kvp[0].keys = vec!["k".repeat(512)];
+        let errs = m.validate().expect_err("512 bytes do not");
+        assert!(
+            errs[0].problem.contains("is 512 bytes, limit 511"),
+            "{errs:?}"
+        );
     }
 
     #[test]

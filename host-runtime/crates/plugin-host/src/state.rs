@@ -15,8 +15,9 @@ use wasmtime_wasi::p2::pipe::{AsyncReadStream, AsyncWriteStream};
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::manifest::{Access, MAX_KEY_BYTES, PluginManifest};
-use crate::types::{KvpError, KvpStore, Pool, Value};
+use crate::manifest::{Access, PluginManifest};
+use crate::text::{Escaped, truncate};
+use crate::types::{KvpError, KvpStore, MAX_KEY_LEN, MAX_VALUE_LEN, Pool, Value, key_problem};
 
 pub(crate) mod bindings {
     wasmtime::component::bindgen!({
@@ -24,6 +25,8 @@ pub(crate) mod bindings {
         world: "hyperv:integration/full-plugin",
         imports: {
             "hyperv:integration/hvsock.connect": async,
+            // The runtime's store answers through a future (see `KvpStore`).
+            "hyperv:integration/kvp-store": async | tracing,
             default: tracing,
         },
         exports: { default: async },
@@ -78,19 +81,6 @@ impl WasiView for HostState {
 
 /// Longest log line kept from a plugin.
 const MAX_LOG_BYTES: usize = 4096;
-/// Longest value a plugin may store (the KVP wire limit for values).
-const MAX_VALUE_BYTES: usize = 2048;
-
-pub(crate) fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
 
 impl wit::types::Host for HostState {}
 
@@ -117,7 +107,7 @@ impl From<wit::types::Pool> for Pool {
             W::Guest => Pool::Guest,
             W::Auto => Pool::Auto,
             W::AutoExternal => Pool::AutoExternal,
-            W::Internal => Pool::Internal,
+            W::Internal => Pool::AutoInternal,
         }
     }
 }
@@ -130,7 +120,7 @@ impl From<Pool> for wit::types::Pool {
             Pool::Guest => W::Guest,
             Pool::Auto => W::Auto,
             Pool::AutoExternal => W::AutoExternal,
-            Pool::Internal => W::Internal,
+            Pool::AutoInternal => W::Internal,
         }
     }
 }
@@ -184,10 +174,10 @@ impl From<KvpError> for wit::types::Error {
 impl HostState {
     /// The capability check in front of every `kvp-store` call.
     fn check_kvp(&self, pool: Pool, key: &str, need: Access) -> Result<(), KvpError> {
-        if key.is_empty() || key.len() > MAX_KEY_BYTES || key.contains('\0') {
+        if let Some(problem) = key_problem(key) {
             return Err(KvpError::Invalid(format!(
-                "key is {} bytes; keys are 1 to {MAX_KEY_BYTES} bytes without NUL",
-                key.len()
+                "key `{}` {problem}; keys are 1 to {MAX_KEY_LEN} bytes without NUL",
+                Escaped(key)
             )));
         }
         let m = &self.plugin.manifest;
@@ -196,29 +186,29 @@ impl HostState {
             (Some(Access::ReadOnly), Access::ReadWrite) => Err(KvpError::Denied(format!(
                 "plugin `{}` has read-only access to key `{}` in pool {pool}; grant access = \"read-write\" in its manifest",
                 m.name,
-                truncate(key, 64)
+                Escaped(key)
             ))),
             (None, _) => Err(KvpError::Denied(format!(
                 "plugin `{}` has no grant for key `{}` in pool {pool}; add a [[plugin.kvp]] entry",
                 m.name,
-                truncate(key, 64)
+                Escaped(key)
             ))),
         }
     }
 }
 
 impl wit::kvp_store::Host for HostState {
-    fn get(
+    async fn get(
         &mut self,
         pool: wit::types::Pool,
         key: String,
     ) -> Result<Option<wit::types::Value>, wit::types::Error> {
         let pool = Pool::from(pool);
         self.check_kvp(pool, &key, Access::ReadOnly)?;
-        Ok(self.plugin.kvp.get(pool, &key)?.map(Into::into))
+        Ok(self.plugin.kvp.get(pool, key).await?.map(Into::into))
     }
 
-    fn set(
+    async fn set(
         &mut self,
         pool: wit::types::Pool,
         key: String,
@@ -227,24 +217,28 @@ impl wit::kvp_store::Host for HostState {
         let pool = Pool::from(pool);
         self.check_kvp(pool, &key, Access::ReadWrite)?;
         if let wit::types::Value::Text(s) = &value
-            && s.len() > MAX_VALUE_BYTES
+            && s.len() > MAX_VALUE_LEN
         {
             return Err(KvpError::Invalid(format!(
-                "value is {} bytes, limit {MAX_VALUE_BYTES}",
+                "value is {} bytes, limit {MAX_VALUE_LEN}",
                 s.len()
             ))
             .into());
         }
-        Ok(self.plugin.kvp.set(pool, &key, &value.into())?)
+        Ok(self.plugin.kvp.set(pool, key, value.into()).await?)
     }
 
-    fn delete(&mut self, pool: wit::types::Pool, key: String) -> Result<bool, wit::types::Error> {
+    async fn delete(
+        &mut self,
+        pool: wit::types::Pool,
+        key: String,
+    ) -> Result<bool, wit::types::Error> {
         let pool = Pool::from(pool);
         self.check_kvp(pool, &key, Access::ReadWrite)?;
-        Ok(self.plugin.kvp.delete(pool, &key)?)
+        Ok(self.plugin.kvp.delete(pool, key).await?)
     }
 
-    fn list(
+    async fn list(
         &mut self,
         pool: wit::types::Pool,
         prefix: String,
@@ -261,7 +255,8 @@ impl wit::kvp_store::Host for HostState {
         Ok(self
             .plugin
             .kvp
-            .list(pool)?
+            .list(pool)
+            .await?
             .into_iter()
             .filter(|k| k.starts_with(&prefix) && m.kvp_access(pool, k).is_some())
             .collect())
@@ -278,7 +273,7 @@ impl wit::hvsock::Host for HostState {
             return Err(KvpError::Denied(format!(
                 "plugin `{}` may not connect to hvsock service `{}`; add it to hvsock.connect",
                 m.name,
-                truncate(&service, 64)
+                Escaped(&service)
             ))
             .into());
         }
@@ -358,16 +353,3 @@ pub(crate) fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState
 use wasmtime_wasi::cli::WasiCliView as _;
 use wasmtime_wasi::clocks::WasiClocksView as _;
 use wasmtime_wasi::filesystem::WasiFilesystemView as _;
-
-#[cfg(test)]
-mod tests {
-    use super::truncate;
-
-    #[test]
-    fn truncate_never_splits_a_utf8_character() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("héllo", 3), "hé");
-        assert_eq!(truncate("short", 64), "short");
-        assert_eq!(truncate("", 0), "");
-    }
-}

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
-use crate::state::truncate;
+use crate::text::truncate;
 
 /// Longest line kept; a plugin writing without newlines is cut into lines of this size.
 const MAX_LINE: usize = 4096;

@@ -1,49 +1,32 @@
 //! Plain Rust types of the plugin API, independent of the generated bindings,
 //! and the [`KvpStore`] trait the runtime implements for the `kvp-store` import.
+//!
+//! [`Pool`], [`Value`] and the key and value limits are the protocol crate's:
+//! one definition for the KVP service and the plugins, converted only at the
+//! WIT edge (`state.rs`).
 
 use std::collections::BTreeMap;
-use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// A KVP pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Pool {
-    /// Pool 0: set by the host.
-    External,
-    /// Pool 1: published by the guest.
-    Guest,
-    /// Pool 2: published automatically by the guest's integration services.
-    Auto,
-    /// Pool 3: published by the host about itself.
-    AutoExternal,
-    /// Pool 4: Hyper-V's own.
-    Internal,
-}
+pub use hvisd_protocol::kvp::{MAX_KEY_LEN, MAX_VALUE_LEN, Pool, Value};
 
-impl fmt::Display for Pool {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Pool::External => "external",
-            Pool::Guest => "guest",
-            Pool::Auto => "auto",
-            Pool::AutoExternal => "auto-external",
-            Pool::Internal => "internal",
-        })
+/// Why `key` cannot be a KVP key, if it cannot: keys are 1 to [`MAX_KEY_LEN`] bytes of UTF-8
+/// without NUL (a pool record's key field is 512 bytes including the terminator). Manifest key
+/// patterns obey the same rule.
+pub(crate) fn key_problem(key: &str) -> Option<String> {
+    if key.is_empty() {
+        Some("is empty".into())
+    } else if key.len() > MAX_KEY_LEN {
+        Some(format!("is {} bytes, limit {MAX_KEY_LEN}", key.len()))
+    } else if key.contains('\0') {
+        Some("contains NUL".into())
+    } else {
+        None
     }
-}
-
-/// A KVP value.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Value {
-    /// A string.
-    Text(String),
-    /// A 32-bit integer.
-    U32(u32),
-    /// A 64-bit integer.
-    U64(u64),
 }
 
 /// An error from the KVP store, a provider or the sandbox, as a plugin sees it.
@@ -66,19 +49,27 @@ pub enum KvpError {
     Failed(String),
 }
 
+/// What a [`KvpStore`] call returns: a future that owns everything it needs,
+/// so the store may answer from another task or thread.
+pub type KvpFuture<T> = Pin<Box<dyn Future<Output = Result<T, KvpError>> + Send + 'static>>;
+
 /// The runtime's KVP pools, as plugins reach them through the `kvp-store` import.
 ///
-/// hvisd checks the caller's grants (pool, key pattern, read/write) before it
-/// calls any method here, so an implementation only stores and fetches.
+/// hvisd checks the caller's grants (pool, key pattern, read/write) and the
+/// key and value limits before it calls any method here, so an
+/// implementation only stores and fetches. The calls are awaited on the
+/// runtime's async workers: an implementation that may block (file locks
+/// another process can hold) must do that work elsewhere and only hand back
+/// a future.
 pub trait KvpStore: Send + Sync + 'static {
     /// The value of `key` in `pool`, if set.
-    fn get(&self, pool: Pool, key: &str) -> Result<Option<Value>, KvpError>;
+    fn get(&self, pool: Pool, key: String) -> KvpFuture<Option<Value>>;
     /// Sets `key` in `pool`.
-    fn set(&self, pool: Pool, key: &str, value: &Value) -> Result<(), KvpError>;
+    fn set(&self, pool: Pool, key: String, value: Value) -> KvpFuture<()>;
     /// Deletes `key` from `pool`; whether it existed.
-    fn delete(&self, pool: Pool, key: &str) -> Result<bool, KvpError>;
+    fn delete(&self, pool: Pool, key: String) -> KvpFuture<bool>;
     /// Every key in `pool`.
-    fn list(&self, pool: Pool) -> Result<Vec<String>, KvpError>;
+    fn list(&self, pool: Pool) -> KvpFuture<Vec<String>>;
 }
 
 /// A [`KvpStore`] in memory, for tools (`plugin check`, bench) and tests.
@@ -88,32 +79,39 @@ pub struct MemoryKvpStore {
 }
 
 impl MemoryKvpStore {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Pool, String), Value>> {
+    /// Runs `f` on the map and hands back its (already known) result.
+    fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<(Pool, String), Value>) -> T,
+    ) -> KvpFuture<T> {
         // A poisoned map is still a consistent map: every write is a single insert/remove.
-        self.entries
+        let mut entries = self
+            .entries
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Box::pin(std::future::ready(Ok(f(&mut entries))))
     }
 }
 
 impl KvpStore for MemoryKvpStore {
-    fn get(&self, pool: Pool, key: &str) -> Result<Option<Value>, KvpError> {
-        Ok(self.lock().get(&(pool, key.to_owned())).cloned())
+    fn get(&self, pool: Pool, key: String) -> KvpFuture<Option<Value>> {
+        self.with(|m| m.get(&(pool, key)).cloned())
     }
-    fn set(&self, pool: Pool, key: &str, value: &Value) -> Result<(), KvpError> {
-        self.lock().insert((pool, key.to_owned()), value.clone());
-        Ok(())
+    fn set(&self, pool: Pool, key: String, value: Value) -> KvpFuture<()> {
+        self.with(|m| {
+            m.insert((pool, key), value);
+        })
     }
-    fn delete(&self, pool: Pool, key: &str) -> Result<bool, KvpError> {
-        Ok(self.lock().remove(&(pool, key.to_owned())).is_some())
+    fn delete(&self, pool: Pool, key: String) -> KvpFuture<bool> {
+        self.with(|m| m.remove(&(pool, key)).is_some())
     }
-    fn list(&self, pool: Pool) -> Result<Vec<String>, KvpError> {
-        Ok(self
-            .lock()
-            .keys()
-            .filter(|(p, _)| *p == pool)
-            .map(|(_, k)| k.clone())
-            .collect())
+    fn list(&self, pool: Pool) -> KvpFuture<Vec<String>> {
+        self.with(|m| {
+            m.keys()
+                .filter(|(p, _)| *p == pool)
+                .map(|(_, k)| k.clone())
+                .collect()
+        })
     }
 }
 
@@ -121,16 +119,33 @@ impl KvpStore for MemoryKvpStore {
 mod tests {
     use super::*;
 
-    #[test]
-    fn memory_store_keeps_pools_apart() {
+    #[tokio::test]
+    async fn memory_store_keeps_pools_apart() {
         let s = MemoryKvpStore::default();
-        s.set(Pool::Guest, "k", &Value::U32(1)).expect("set");
-        s.set(Pool::External, "k", &Value::Text("x".into()))
+        let k = || "k".to_string();
+        s.set(Pool::Guest, k(), Value::U32(1)).await.expect("set");
+        s.set(Pool::External, k(), Value::Text("x".into()))
+            .await
             .expect("set");
-        assert_eq!(s.get(Pool::Guest, "k").expect("get"), Some(Value::U32(1)));
-        assert_eq!(s.list(Pool::External).expect("list"), vec!["k".to_string()]);
-        assert!(s.delete(Pool::Guest, "k").expect("delete"));
-        assert!(!s.delete(Pool::Guest, "k").expect("delete"));
-        assert_eq!(s.get(Pool::Guest, "k").expect("get"), None);
+        assert_eq!(
+            s.get(Pool::Guest, k()).await.expect("get"),
+            Some(Value::U32(1))
+        );
+        assert_eq!(s.list(Pool::External).await.expect("list"), vec![k()]);
+        assert!(s.delete(Pool::Guest, k()).await.expect("delete"));
+        assert!(!s.delete(Pool::Guest, k()).await.expect("delete"));
+        assert_eq!(s.get(Pool::Guest, k()).await.expect("get"), None);
+    }
+
+    #[test]
+    fn keys_are_1_to_511_bytes_without_nul() {
+        assert_eq!(key_problem("k"), None);
+        assert_eq!(key_problem(&"k".repeat(MAX_KEY_LEN)), None);
+        assert_eq!(
+            key_problem(&"k".repeat(MAX_KEY_LEN + 1)).as_deref(),
+            Some("is 512 bytes, limit 511")
+        );
+        assert_eq!(key_problem("").as_deref(), Some("is empty"));
+        assert_eq!(key_problem("a\0b").as_deref(), Some("contains NUL"));
     }
 }

@@ -153,13 +153,17 @@ async fn flush_hold_holds_the_application_and_always_releases_it() {
         "b-42"
     );
     assert_eq!(
-        kvp.get(Pool::Guest, "app.backup.state").expect("get"),
+        kvp.get(Pool::Guest, "app.backup.state".into())
+            .await
+            .expect("get"),
         Some(Value::Text("held".into()))
     );
     assert!(host.post_thaw(&ctx, FreezeOutcome::Thawed).await.is_empty());
     assert!(!run.join("hold").exists());
     assert_eq!(
-        kvp.get(Pool::Guest, "app.backup.state").expect("get"),
+        kvp.get(Pool::Guest, "app.backup.state".into())
+            .await
+            .expect("get"),
         Some(Value::Text("released".into()))
     );
 }
@@ -203,8 +207,12 @@ async fn status_echo_serves_a_unix_socket_pair() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let scratch = Scratch::new();
     let (host, kvp) = host(&scratch);
-    kvp.set(Pool::Guest, "a", &Value::U32(1)).expect("set");
-    kvp.set(Pool::Guest, "b", &Value::U32(2)).expect("set");
+    kvp.set(Pool::Guest, "a".into(), Value::U32(1))
+        .await
+        .expect("set");
+    kvp.set(Pool::Guest, "b".into(), Value::U32(2))
+        .await
+        .expect("set");
     let mut m = manifest(
         "status-echo",
         "status-echo",

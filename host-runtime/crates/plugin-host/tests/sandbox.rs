@@ -88,6 +88,53 @@ async fn infinite_loop_is_stopped_at_the_call_deadline_and_the_neighbour_keeps_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_stands_still_while_idle_and_a_spinning_call_is_still_stopped_at_its_deadline() {
+    let scratch = Scratch::new();
+    let host = setup(&scratch).await;
+    // The tick that was asleep when the load ended may still come.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let idle = host.epoch_ticks();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        host.epoch_ticks(),
+        idle,
+        "the epoch ticker ran with no call in flight"
+    );
+    let t = Instant::now();
+    let e = get(&host, "spin").await.expect_err("spin must be stopped");
+    assert!(
+        matches!(
+            e,
+            CallError::Deadline {
+                deadline_ms: 50,
+                ..
+            }
+        ),
+        "got {e:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        t.elapsed()
+    );
+    // The epoch deadline (51 ticks of 1 ms) is what stopped it.
+    assert!(
+        host.epoch_ticks() >= idle + 50,
+        "{}",
+        host.epoch_ticks() - idle
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let after = host.epoch_ticks();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        host.epoch_ticks(),
+        after,
+        "the ticker kept running after the call"
+    );
+    assert_neighbour_answers(&host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_bomb_fails_at_the_memory_cap_and_the_neighbour_keeps_answering() {
     let scratch = Scratch::new();
     let (host, _) = host(&scratch);
@@ -230,7 +277,10 @@ async fn kvp_writes_outside_the_grant_are_denied() {
         answer.starts_with("blocked: ") && answer.contains("Denied") && answer.contains("stolen"),
         "{answer}"
     );
-    assert_eq!(kvp.get(Pool::Guest, "stolen").expect("get"), None);
+    assert_eq!(
+        kvp.get(Pool::Guest, "stolen".into()).await.expect("get"),
+        None
+    );
     assert_neighbour_answers(&host).await;
 }
 
@@ -308,7 +358,9 @@ async fn a_spinning_pre_freeze_hook_is_a_veto_and_post_thaw_still_runs_for_every
         .await;
     assert!(errs.is_empty(), "{errs:?}");
     assert_eq!(
-        kvp.get(Pool::Guest, "misbehave.thawed").expect("get"),
+        kvp.get(Pool::Guest, "misbehave.thawed".into())
+            .await
+            .expect("get"),
         Some(Value::Text("after Vetoed".into()))
     );
     assert_eq!(
@@ -360,43 +412,14 @@ async fn a_spinning_hvsock_service_is_stopped_and_an_echo_connection_still_works
     served.expect("echo connection ends cleanly");
 }
 
-/// Collects formatted log lines in memory.
-#[derive(Clone, Default)]
-struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn stdout_stderr_and_logging_reach_tracing_tagged_with_the_plugin() {
     let lines = Lines::default();
-    let sink = lines.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = lines.capture(tracing::Level::INFO);
     let scratch = Scratch::new();
     let host = setup(&scratch).await;
     assert_eq!(text(get(&host, "print").await.expect("print")), "printed");
-    let out = String::from_utf8_lossy(
-        &lines
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    )
-    .into_owned();
+    let out = lines.text();
     for needle in ["to stdout", "to stderr", "through the logging import"] {
         let line = out
             .lines()

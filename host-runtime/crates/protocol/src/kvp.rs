@@ -27,6 +27,12 @@ use crate::ic::status;
 pub const MAX_KEY_SIZE: usize = 512;
 /// Largest value, in bytes including the terminator (both encodings).
 pub const MAX_VALUE_SIZE: usize = 2048;
+/// Longest key a service, a plugin or a manifest may name, in bytes of UTF-8 without the
+/// terminator: a pool record's key field is [`MAX_KEY_SIZE`] bytes including the NUL.
+pub const MAX_KEY_LEN: usize = MAX_KEY_SIZE - 1;
+/// Longest text value, in bytes of UTF-8 without the terminator: a pool record's value field is
+/// [`MAX_VALUE_SIZE`] bytes including the NUL.
+pub const MAX_VALUE_LEN: usize = MAX_VALUE_SIZE - 1;
 /// `adapter_id` capacity in UTF-16 units.
 pub const MAX_ADAPTER_ID_SIZE: usize = 128;
 /// `ip_addr`, `sub_net` and `dns_addr` capacity in UTF-16 units.
@@ -101,9 +107,13 @@ impl std::fmt::Display for KvpOperation {
 }
 
 /// The five KVP pools (`enum hv_kvp_exchg_pool`), file `.kvp_pool_<n>` each.
+///
+/// In configuration files a pool is named as [`Pool::name`] gives it (`auto-internal`); pool 4 is
+/// also accepted as `internal`, the name the plugin WIT package gives it.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
+#[serde(rename_all = "kebab-case")]
 pub enum Pool {
     /// 0: values the host pushes to the guest.
     External = 0,
@@ -114,6 +124,7 @@ pub enum Pool {
     /// 3: values the host pushes automatically (host name, VM id).
     AutoExternal = 3,
     /// 4: internal values.
+    #[serde(alias = "internal")]
     AutoInternal = 4,
 }
 
@@ -163,6 +174,30 @@ impl Pool {
 impl std::fmt::Display for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// A KVP value as services and plugins handle it: text or a number. ([`KvpValue`] is the form a
+/// host's SET carries on VMBus.)
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Value {
+    /// `REG_SZ`: a UTF-8 string (at most [`MAX_VALUE_LEN`] bytes in a pool record).
+    Text(String),
+    /// `REG_U32`.
+    U32(u32),
+    /// `REG_U64`.
+    U64(u64),
+}
+
+impl Value {
+    /// The text a pool record holds for this value: numbers in decimal, as `hv_kvp_daemon` stores
+    /// the REG_U32/REG_U64 values the host sends.
+    pub fn into_text(self) -> String {
+        match self {
+            Value::Text(s) => s,
+            Value::U32(n) => n.to_string(),
+            Value::U64(n) => n.to_string(),
+        }
     }
 }
 
@@ -1042,6 +1077,27 @@ mod tests {
         }
         assert_eq!(Pool::parse("AutoExternal"), Some(Pool::AutoExternal));
         assert_eq!(Pool::parse("5"), None);
+    }
+
+    #[test]
+    fn config_pool_names_are_the_operator_names_and_internal_names_pool_4() {
+        for p in Pool::ALL {
+            let json = serde_json::to_string(&p).unwrap();
+            assert_eq!(json, format!("\"{}\"", p.name()));
+            assert_eq!(serde_json::from_str::<Pool>(&json).unwrap(), p);
+        }
+        assert_eq!(
+            serde_json::from_str::<Pool>("\"internal\"").unwrap(),
+            Pool::AutoInternal
+        );
+        assert!(serde_json::from_str::<Pool>("\"Guest\"").is_err());
+    }
+
+    #[test]
+    fn a_value_is_stored_as_text_with_numbers_in_decimal() {
+        assert_eq!(Value::Text("v".into()).into_text(), "v");
+        assert_eq!(Value::U32(4_000_000_000).into_text(), "4000000000");
+        assert_eq!(Value::U64(u64::MAX).into_text(), "18446744073709551615");
     }
 
     proptest! {

@@ -7,5 +7,5 @@ pub mod ic;
 pub mod kvp;
 pub mod kvp_daemon;
 pub mod shm_offer;
-pub mod uio_sysfs;
 pub mod text;
+pub mod uio_sysfs;

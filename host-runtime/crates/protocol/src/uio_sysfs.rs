@@ -40,7 +40,10 @@ pub fn parse_map0_ring_size(text: &str) -> Result<usize, SysfsError> {
 
 /// The primary channel among the entries of `channels/` that have a `ring`: the smallest relid.
 pub fn primary_relid<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<u32> {
-    names.into_iter().filter_map(|n| n.parse::<u32>().ok()).min()
+    names
+        .into_iter()
+        .filter_map(|n| n.parse::<u32>().ok())
+        .min()
 }
 
 /// The uio device among the entries of `uio/`: the `uioN` with the smallest N.
@@ -72,12 +75,23 @@ mod tests {
         assert!(parse_class_id("{not-a-guid}").is_err());
         assert_eq!(parse_map0_ring_size("0x8000\n"), Ok(0x4000));
         assert_eq!(parse_map0_ring_size("32768"), Ok(0x4000));
-        for bad in ["0x3000", "0x10", "banana", "0x5000", "", "0x", "18446744073709551615"] {
+        for bad in [
+            "0x3000",
+            "0x10",
+            "banana",
+            "0x5000",
+            "",
+            "0x",
+            "18446744073709551615",
+        ] {
             assert!(parse_map0_ring_size(bad).is_err(), "{bad}");
         }
         assert_eq!(primary_relid(["27", "14", "x"]), Some(14));
         assert_eq!(primary_relid(["x"]), None);
-        assert_eq!(uio_device(["uio10", "uio2", "uio", "uiox"]), Some((2, "uio2")));
+        assert_eq!(
+            uio_device(["uio10", "uio2", "uio", "uiox"]),
+            Some((2, "uio2"))
+        );
     }
 
     proptest::proptest! {

@@ -12,6 +12,11 @@
 //! `connect-other` (hvsock connects to `upstream` and `forbidden`), `print`
 //! (writes to stdout, stderr and the logging import). Escape attempts answer
 //! `blocked: <error>` when the sandbox held, `ESCAPED: <content>` when not.
+//!
+//! `describe` owns the keys above, unless the guest-pool key
+//! `misbehave.describe` (readable only if the manifest grants it) is
+//! `bad-keys`: then it claims every kind of key hvisd must drop (see
+//! [`bad_keys`]).
 
 use std::hint::black_box;
 
@@ -76,9 +81,34 @@ fn attempt(path: &str) -> Value {
     })
 }
 
+/// Keys no provider may own, beside a few it may: the empty key, a key with
+/// NUL, a 512-byte key (one byte over a pool record's key field), a key
+/// outside any grant (with an escape sequence and a non-ASCII letter), a key
+/// in a pool without a grant, and more keys than one provider may own. The
+/// keys it may own are `bad.ok` (claimed twice), `bad.shared`, a 511-byte key
+/// and `bad.many.<n>`, all under `bad.`.
+fn bad_keys() -> ProviderInfo {
+    let mut keys: Vec<(Pool, String)> = vec![
+        (Pool::Guest, String::new()),
+        (Pool::Guest, "bad.nul\0key".into()),
+        (Pool::Guest, format!("bad.{}", "x".repeat(508))),
+        (Pool::Guest, format!("bad.{}", "y".repeat(507))),
+        (Pool::Guest, "bad.shared".into()),
+        (Pool::Guest, "bad.ok".into()),
+        (Pool::Guest, "bad.ok".into()),
+        (Pool::Guest, "ungranted\u{1b}[31m\u{e9}".into()),
+        (Pool::External, "bad.ok".into()),
+    ];
+    keys.extend((0..5000).map(|i| (Pool::Guest, format!("bad.many.{i}"))));
+    ProviderInfo::owning(keys.iter().map(|(p, k)| (*p, k.as_str())))
+}
+
 impl KvpProvider for Misbehave {
     fn describe() -> ProviderInfo {
-        ProviderInfo::owning(KEYS.iter().map(|k| (Pool::Guest, *k)))
+        match kvp::get(Pool::Guest, "misbehave.describe") {
+            Ok(Some(Value::Text(mode))) if mode == "bad-keys" => bad_keys(),
+            _ => ProviderInfo::owning(KEYS.iter().map(|k| (Pool::Guest, *k))),
+        }
     }
 
     fn get(_pool: Pool, key: &str) -> Result<Value, Error> {

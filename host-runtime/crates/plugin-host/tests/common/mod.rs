@@ -5,10 +5,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use hvisd_plugin_host::manifest::{Access, DirGrant, KvpGrant, Limits, PluginManifest, World};
-use hvisd_plugin_host::{HostServices, MemoryKvpStore, PluginHost, Pool, Value, build};
+use hvisd_plugin_host::{HostServices, KvpStore, MemoryKvpStore, PluginHost, Pool, Value, build};
 
 /// The components, built once (with plain cargo, as CI does).
 pub fn plugins() -> &'static BTreeMap<String, PathBuf> {
@@ -114,4 +114,67 @@ pub async fn assert_neighbour_answers(host: &PluginHost) {
         .await
         .expect("the well-behaved neighbour must keep answering");
     assert_eq!(v, Value::Text("4.2.0".into()));
+}
+
+/// A provider from the `misbehave` component granted the keys under `bad.`
+/// and `ok`; its `describe` claims every kind of bad key once
+/// [`describe_mode`] is `bad-keys` (see the plugin's docs).
+pub fn bad_keys_provider(name: &str) -> PluginManifest {
+    manifest(
+        name,
+        "misbehave",
+        &[World::KvpProvider],
+        &["bad.*", "misbehave.describe", "ok"],
+    )
+}
+
+/// Chooses what `misbehave`'s `describe` claims from then on.
+pub async fn describe_mode(kvp: &MemoryKvpStore, mode: &str) {
+    kvp.set(
+        Pool::Guest,
+        "misbehave.describe".into(),
+        Value::Text(mode.into()),
+    )
+    .await
+    .expect("set");
+}
+
+/// Formatted log lines collected in memory.
+///
+/// A test capturing logs with `tracing::subscriber::set_default` should be
+/// alone in its test binary, or the only one reaching the log lines it looks
+/// for: a callsite first hit on another test's thread, which has no
+/// subscriber, can be cached as disabled for every thread.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+    }
+
+    /// Sends this thread's log lines at `level` and above here until the guard is dropped.
+    pub fn capture(&self, level: tracing::Level) -> tracing::subscriber::DefaultGuard {
+        let sink = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .with_max_level(level)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
 }

@@ -1,0 +1,179 @@
+//! The one wasmtime [`Engine`] every plugin runs in, and the epoch ticker that
+//! gives every call its CPU deadline.
+//!
+//! The ticker advances the epoch only while a call (or an instantiation) is
+//! in flight and sleeps parked otherwise, so an idle runtime spends no CPU on
+//! it. That is enough for the deadlines: a store's deadline is set, in ticks
+//! from the current epoch, just before each call, and wasm only runs inside
+//! a call.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wasmtime::{Config, Engine};
+
+use crate::HostError;
+
+/// How often the epoch advances while a call is in flight; the unit of every CPU deadline.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// Wasm stack cap: deep recursion traps with a stack overflow well before the host's stack.
+pub(crate) const MAX_WASM_STACK: usize = 512 * 1024;
+
+/// Builds the one engine every plugin runs in.
+pub fn build_engine() -> Result<Engine, HostError> {
+    let mut c = Config::new();
+    c.wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(MAX_WASM_STACK)
+        .async_stack_size(MAX_WASM_STACK + 1024 * 1024)
+        .concurrency_support(false)
+        .parallel_compilation(true);
+    Engine::new(&c).map_err(|e| HostError::Engine(format!("{e:#}")))
+}
+
+/// The epoch deadline, in ticks, of a call allowed to run for `d`. One tick
+/// more than `d` holds, since the first tick may come right after the call starts.
+pub(crate) fn epoch_ticks(d: Duration) -> u64 {
+    (d.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
+}
+
+/// The engine and its ticker: what every plugin's stores are made from.
+pub(crate) struct Sandbox {
+    pub engine: Engine,
+    pub ticker: EpochTicker,
+}
+
+impl Sandbox {
+    /// Builds the engine and starts its ticker.
+    pub fn new() -> Result<Self, HostError> {
+        let engine = build_engine()?;
+        let ticker = EpochTicker::start(engine.clone())?;
+        Ok(Sandbox { engine, ticker })
+    }
+}
+
+/// What the ticker thread and the calls share.
+#[derive(Default)]
+struct TickerState {
+    /// Calls and instantiations running now.
+    in_flight: AtomicUsize,
+    /// Epoch increments so far.
+    ticks: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] while a call is in
+/// flight (see [`EpochTicker::enter`]), until dropped.
+pub(crate) struct EpochTicker {
+    state: Arc<TickerState>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    pub fn start(engine: Engine) -> Result<Self, HostError> {
+        let state = Arc::new(TickerState::default());
+        let shared = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("hvisd-epoch".into())
+            .spawn(move || {
+                while !shared.stop.load(Ordering::SeqCst) {
+                    if shared.in_flight.load(Ordering::SeqCst) == 0 {
+                        // `enter` unparks after making `in_flight` non-zero; an unpark that
+                        // comes between the load and here makes this park return at once.
+                        std::thread::park();
+                        continue;
+                    }
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                    shared.ticks.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .map_err(|e| HostError::Engine(format!("cannot start the epoch thread: {e}")))?;
+        Ok(EpochTicker {
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    /// Marks a call in flight until the guard is dropped; the epoch advances
+    /// while any guard lives. Cheap when the ticker is already running: one
+    /// atomic increment (and a wake-up of the ticker when it was the first).
+    pub fn enter(&self) -> InFlight<'_> {
+        if self.state.in_flight.fetch_add(1, Ordering::SeqCst) == 0
+            && let Some(t) = &self.thread
+        {
+            t.thread().unpark();
+        }
+        InFlight(&self.state)
+    }
+
+    /// Epoch increments since the ticker started.
+    pub fn ticks(&self) -> u64 {
+        self.state.ticks.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// A call in flight (see [`EpochTicker::enter`]).
+pub(crate) struct InFlight<'a>(&'a TickerState);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread::sleep;
+
+    #[test]
+    fn the_ticker_ticks_only_while_a_call_is_in_flight() {
+        let ticker = EpochTicker::start(build_engine().expect("engine")).expect("ticker");
+        sleep(Duration::from_millis(20));
+        let idle = ticker.ticks();
+        sleep(Duration::from_millis(100));
+        assert_eq!(
+            ticker.ticks(),
+            idle,
+            "the epoch moved with no call in flight"
+        );
+        {
+            let _one = ticker.enter();
+            let _two = ticker.enter();
+            sleep(Duration::from_millis(50));
+        }
+        let busy = ticker.ticks();
+        assert!(
+            busy >= idle + 5,
+            "only {} ticks in 50 ms of calls",
+            busy - idle
+        );
+        // At most the tick that was sleeping when the last call ended follows.
+        sleep(Duration::from_millis(20));
+        let after = ticker.ticks();
+        assert!(after <= busy + 1);
+        sleep(Duration::from_millis(100));
+        assert_eq!(
+            ticker.ticks(),
+            after,
+            "the epoch moved after the calls ended"
+        );
+        // And it wakes again for the next call.
+        let _again = ticker.enter();
+        sleep(Duration::from_millis(20));
+        assert!(ticker.ticks() > after);
+    }
+}
