@@ -25,7 +25,9 @@
 //! - [`build`]: builds the plugins of `plugins/` for wasm32-wasip2.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "bench")]
 pub mod bench;
+#[cfg(feature = "build")]
 pub mod build;
 mod cache;
 mod check;
