@@ -189,7 +189,7 @@ impl ShmRoot {
             }
         }
         // A total order: sorting with a comparator that is not one may panic (Rust >= 1.81).
-        scan.offers.sort_by(|a, b| scan_key(a).cmp(&scan_key(b)));
+        scan.offers.sort_by_cached_key(scan_key);
         Ok(scan)
     }
 

@@ -37,12 +37,10 @@ impl<'a> Escaped<'a> {
 
 impl fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut shown = 0usize;
-        for (i, c) in self.text.char_indices() {
+        for (shown, (i, c)) in self.text.char_indices().enumerate() {
             if shown == self.max {
                 return write!(f, "…({} more bytes)", self.text.len() - i);
             }
-            shown += 1;
             match c {
                 ' '..='~' if c != '\\' => f.write_fmt(format_args!("{c}"))?,
                 _ => f.write_fmt(format_args!("{}", c.escape_default()))?,
@@ -68,8 +66,6 @@ pub fn escape(text: &str, max: usize) -> String {
 pub fn escape_bytes(bytes: &[u8], max: usize) -> String {
     escape(&String::from_utf8_lossy(bytes), max)
 }
-
-/// Budgets for log lines an untrusted peer can cause.
 
 /// A token bucket of log lines.
 #[derive(Debug, Clone)]
