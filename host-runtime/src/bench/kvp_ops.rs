@@ -178,8 +178,8 @@ pub fn run(opts: &OpsOptions) -> Result<OpsReport> {
 fn pin_to_one_cpu() -> Option<usize> {
     let allowed = rustix::thread::sched_getaffinity(None).ok()?;
     let cpu = (0..rustix::thread::CpuSet::MAX_CPU)
-        .filter(|&c| allowed.is_set(c))
-        .last()?;
+        .rev()
+        .find(|&c| allowed.is_set(c))?;
     let mut one = rustix::thread::CpuSet::new();
     one.set(cpu);
     rustix::thread::sched_setaffinity(None, &one).ok()?;
