@@ -146,6 +146,66 @@ impl ComponentCache {
         Ok((component, outcome))
     }
 
+    /// The artifact of `wasm` for `engine` as a read-only descriptor, compiling and caching it
+    /// first if needed: what the core hands a plugin worker, so a worker never chooses (or
+    /// writes) the native code it runs. Compiling does not run any of the plugin's code.
+    pub fn artifact_fd(
+        &self,
+        engine: &Engine,
+        wasm: &[u8],
+    ) -> Result<(OwnedFd, CacheOutcome), HostError> {
+        let name = Self::key(engine, wasm);
+        let mut outcome = CacheOutcome::Hit;
+        if let Err(e) = self.open_checked(&name) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(artifact = %name, "cached plugin artifact refused, recompiling: {e}");
+                let _ = rustix::fs::unlinkat(self.dir_fd.as_fd(), name.as_str(), rustix::fs::AtFlags::empty());
+            }
+            let compiled = engine
+                .precompile_component(wasm)
+                .map_err(|e| HostError::Compile(format!("{e:#}")))?;
+            self.store(&name, &compiled).map_err(|e| HostError::Cache {
+                dir: self.dir.clone(),
+                problem: format!("cannot write the compiled plugin: {e}"),
+            })?;
+            outcome = CacheOutcome::Compiled;
+        }
+        let fd = self.open_checked(&name).map_err(|e| HostError::Cache {
+            dir: self.dir.clone(),
+            problem: format!("cannot open the compiled plugin {name}: {e}"),
+        })?;
+        Ok((fd, outcome))
+    }
+
+    /// Removes the artifact of `wasm` (a worker could not load it: it is recompiled next time).
+    pub fn forget(&self, engine: &Engine, wasm: &[u8]) {
+        let name = Self::key(engine, wasm);
+        let _ = rustix::fs::unlinkat(self.dir_fd.as_fd(), name.as_str(), rustix::fs::AtFlags::empty());
+    }
+
+    /// Opens an artifact read-only without following links and checks it is a regular file of
+    /// ours that nobody else can write.
+    fn open_checked(&self, name: &str) -> std::io::Result<OwnedFd> {
+        let fd = rustix::fs::openat(
+            self.dir_fd.as_fd(),
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        )?;
+        let stat = rustix::fs::fstat(&fd)?;
+        let me = rustix::process::geteuid().as_raw();
+        if !rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file()
+            || stat.st_uid != me
+            || stat.st_mode & 0o022 != 0
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "not a regular file of ours writable only by us",
+            ));
+        }
+        Ok(fd)
+    }
+
     /// Writes an artifact atomically (temporary file, fsync, rename), relative to the pinned
     /// directory, mode 0600.
     fn store(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {

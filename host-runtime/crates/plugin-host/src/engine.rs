@@ -21,7 +21,12 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// Wasm stack cap: deep recursion traps with a stack overflow well before the host's stack.
 pub(crate) const MAX_WASM_STACK: usize = 512 * 1024;
 
-/// Builds the one engine every plugin runs in.
+/// Builds the one engine every plugin runs in. The core compiles with it and the workers run with
+/// it; any setting here that changes compiled code changes the artifacts' cache key.
+///
+/// Linear memories reserve no address space beyond what they use (explicit bounds checks instead
+/// of multi-GiB guard reservations), so a worker's address space, which `RLIMIT_AS` caps, stays
+/// close to what its plugin really uses.
 pub fn build_engine() -> Result<Engine, HostError> {
     let mut c = Config::new();
     c.wasm_component_model(true)
@@ -29,6 +34,10 @@ pub fn build_engine() -> Result<Engine, HostError> {
         .max_wasm_stack(MAX_WASM_STACK)
         .async_stack_size(MAX_WASM_STACK + 1024 * 1024)
         .concurrency_support(false)
+        .memory_reservation(0)
+        .memory_guard_size(0)
+        .memory_reservation_for_growth(1 << 20)
+        .guard_before_linear_memory(false)
         .parallel_compilation(true);
     Engine::new(&c).map_err(|e| HostError::Engine(format!("{e:#}")))
 }

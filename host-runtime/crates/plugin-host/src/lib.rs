@@ -41,6 +41,7 @@ mod store;
 mod text;
 mod types;
 mod worlds;
+pub mod worker;
 
 pub use cache::{CacheOutcome, ComponentCache};
 pub use check::{CheckReport, ManifestVerdict, check};

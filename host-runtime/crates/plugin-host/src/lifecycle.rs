@@ -39,7 +39,9 @@ pub struct HostServices {
 pub struct PluginHost {
     pub(crate) sandbox: Arc<Sandbox>,
     linker: Linker<HostState>,
-    cache: ComponentCache,
+    /// Where components come from: the cache (an in-process host), or nothing (a worker, whose
+    /// one component the core hands over as an artifact).
+    cache: Option<ComponentCache>,
     services: HostServices,
     plugins: RwLock<Arc<PluginSet>>,
 }
@@ -271,10 +273,62 @@ impl PluginHost {
         Ok(PluginHost {
             sandbox,
             linker,
-            cache,
+            cache: Some(cache),
             services,
             plugins: RwLock::new(Arc::default()),
         })
+    }
+
+    /// A host for a plugin worker: no cache of its own; its one plugin is loaded from an
+    /// artifact the core compiled ([`PluginHost::load_artifact`]).
+    pub fn for_worker(services: HostServices) -> Result<Self, HostError> {
+        let sandbox = Arc::new(Sandbox::new()?);
+        let linker =
+            build_linker(&sandbox.engine).map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        Ok(PluginHost {
+            sandbox,
+            linker,
+            cache: None,
+            services,
+            plugins: RwLock::new(Arc::default()),
+        })
+    }
+
+    /// Loads the one plugin of a worker from its checked artifact and puts it in force.
+    pub async fn load_artifact(
+        &self,
+        manifest: &PluginManifest,
+        artifact: &hvisd_sys::wasm::TrustedArtifact,
+    ) -> Result<LoadSummary, HostError> {
+        let refused = |problem: String| HostError::Refused {
+            plugin: manifest.name.clone(),
+            problem,
+        };
+        let component = hvisd_sys::wasm::load_component(&self.sandbox.engine, artifact)
+            .map_err(|e| refused(format!("the artifact does not load: {e:#}")))?;
+        let plugin = self
+            .load_component(manifest, component, CacheOutcome::Hit, [0; 32])
+            .await?;
+        let mut set = PluginSet::default();
+        set.plugins.insert(manifest.name.clone(), Arc::new(plugin));
+        let providers: Vec<&Arc<Plugin>> = set
+            .plugins
+            .values()
+            .filter(|p| p.manifest().worlds.contains(&World::KvpProvider))
+            .collect();
+        let owned = assign_owners(providers.iter().map(|p| &p.described));
+        set.providers = providers
+            .into_iter()
+            .zip(owned)
+            .map(|(p, keys)| Provider::new(p.clone(), keys))
+            .collect();
+        Ok(self.commit(Prepared {
+            set,
+            summary: LoadSummary {
+                loaded: vec![manifest.name.clone()],
+                refused: Vec::new(),
+            },
+        }))
     }
 
     /// The engine (shared by every plugin).
@@ -289,9 +343,9 @@ impl PluginHost {
         self.sandbox.ticker.ticks()
     }
 
-    /// The cache directory.
-    pub fn cache_dir(&self) -> &Path {
-        self.cache.dir()
+    /// The cache directory (`None` in a worker).
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.cache.as_ref().map(ComponentCache::dir)
     }
 
     /// The plugin set now in force. Calls keep the set they started with.
@@ -390,6 +444,26 @@ impl PluginHost {
             plugin: m.name.clone(),
             problem,
         };
+        let Some(cache) = &self.cache else {
+            return Err(refused("a worker loads its plugin from an artifact".into()));
+        };
+        let (component, cache) = cache
+            .load(&self.sandbox.engine, wasm)
+            .map_err(|e| refused(e.to_string()))?;
+        self.load_component(m, component, cache, sha).await
+    }
+
+    async fn load_component(
+        &self,
+        m: &PluginManifest,
+        component: wasmtime::component::Component,
+        cache: CacheOutcome,
+        sha: [u8; 32],
+    ) -> Result<Plugin, HostError> {
+        let refused = |problem: String| HostError::Refused {
+            plugin: m.name.clone(),
+            problem,
+        };
         for (i, d) in m.dirs.iter().enumerate() {
             if !d.host.is_dir() {
                 return Err(refused(format!(
@@ -398,10 +472,6 @@ impl PluginHost {
                 )));
             }
         }
-        let (component, cache) = self
-            .cache
-            .load(&self.sandbox.engine, wasm)
-            .map_err(|e| refused(e.to_string()))?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
             refused(format!(
                 "{e:#}; hvisd provides logging, kvp-store, hvsock and WASI cli/clocks/random/filesystem/io, never wasi:sockets"

@@ -22,6 +22,8 @@ const MAX_TABLES: usize = 64;
 const MAX_MEMORIES: usize = 1;
 /// Table elements per table.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Live resources (streams, files, pollables) and component handles per instance.
+const MAX_RESOURCES: usize = 1024;
 
 /// A fresh store for one instance of the plugin of `ctx`: stdout and stderr
 /// go to the log, no network, only the granted directories, the manifest's
@@ -31,8 +33,12 @@ pub(crate) fn new_store(
     ctx: &Arc<PluginContext>,
 ) -> Result<Store<HostState>, CallError> {
     let m = &ctx.manifest;
+    let memory_cap = m.limits.memory_mib as usize * 1024 * 1024;
     let mut b = WasiCtxBuilder::new();
-    b.stdout(TracingStdio::new(&m.name, false))
+    // Random bytes a plugin may ask for in one call: enough for any key, never a host-side
+    // allocation its memory cap would not allow.
+    b.max_random_size(memory_cap.min(1 << 20) as u64)
+        .stdout(TracingStdio::new(&m.name, false))
         .stderr(TracingStdio::new(&m.name, true))
         .allow_tcp(false)
         .allow_udp(false)
@@ -49,23 +55,29 @@ pub(crate) fn new_store(
             })?;
     }
     let limits = StoreLimitsBuilder::new()
-        .memory_size(m.limits.memory_mib as usize * 1024 * 1024)
+        .memory_size(memory_cap)
         .table_elements(MAX_TABLE_ELEMENTS)
         .instances(MAX_INSTANCES)
         .tables(MAX_TABLES)
         .memories(MAX_MEMORIES)
         .trap_on_grow_failure(true)
         .build();
+    let mut table = wasmtime::component::ResourceTable::new();
+    table.set_max_capacity(MAX_RESOURCES);
     let mut store = Store::new(
         engine,
         HostState {
             wasi: b.build(),
-            table: wasmtime::component::ResourceTable::new(),
+            table,
             limits,
             plugin: ctx.clone(),
         },
     );
     store.limiter(|s| &mut s.limits);
+    // What one host call may make the host lift out of wasm (strings and lists whose entries all
+    // alias one buffer count once per entry): never more than the plugin's own memory cap.
+    store.set_hostcall_fuel(memory_cap.max(64 * 1024));
+    store.set_max_component_handles(MAX_RESOURCES);
     store.epoch_deadline_trap();
     Ok(store)
 }

@@ -9,3 +9,4 @@ pub mod kvp_daemon;
 pub mod shm_offer;
 pub mod text;
 pub mod uio_sysfs;
+pub mod worker;
