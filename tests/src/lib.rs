@@ -111,6 +111,40 @@ impl ChildGuard {
     pub fn log_count(&self, needle: &str) -> usize {
         self.stderr().matches(needle).count()
     }
+
+    /// Sends `signal` to this child, by its own PID (a no-op once it has been reaped).
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|c| i32::try_from(c.id()).ok())
+            .and_then(rustix::process::Pid::from_raw);
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, signal);
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns how it ended (`None`: still running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let start = Instant::now();
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if start.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// How many descriptors the process has open (`/proc/PID/fd`).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for ChildGuard {
@@ -150,6 +184,9 @@ impl GuestProcess {
 }
 
 /// Runs `hvisd host --root ROOT script FILE` to completion (bounded by `timeout`) and returns its output.
+///
+/// Its output goes through pipes read only once it has exited: for scripts whose transcript may
+/// pass a pipe's capacity (64 KiB, a few hundred actions), use [`HostProcess`].
 pub fn run_host_script(root: &Path, script_json: &str, timeout: Duration) -> Output {
     let dir = tempfile::tempdir().expect("temp dir for the script");
     let script = dir.path().join("script.json");
@@ -178,6 +215,89 @@ pub fn run_host_script(root: &Path, script_json: &str, timeout: Duration) -> Out
     child
         .wait_with_output()
         .expect("collecting hvisd host output")
+}
+
+/// `hvisd host --root ROOT script FILE` running in the background, so that several hosts can act on
+/// one root at once; killed by its PID if dropped before [`HostProcess::finish`].
+pub struct HostProcess {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl HostProcess {
+    /// Starts the host on `root` with the script `script_json`. Its stdout (the transcript) and
+    /// stderr go to files, not pipes: nothing reads them before the host exits, and the transcript
+    /// of a script with thousands of actions would fill a pipe and stall the host.
+    pub fn start(root: &Path, script_json: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for the script");
+        let script = dir.path().join("script.json");
+        std::fs::write(&script, script_json).expect("writing the script");
+        let stdout = std::fs::File::create(dir.path().join("stdout")).expect("stdout file");
+        let stderr = std::fs::File::create(dir.path().join("stderr")).expect("stderr file");
+        let child = Command::new(hvisd_bin())
+            .args(["host", "--root"])
+            .arg(root)
+            .arg("script")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawning hvisd host");
+        Self {
+            child: Some(child),
+            dir,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Whether the host is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Waits for the host to exit (killing it after `timeout`) and returns what it printed.
+    pub fn finish(mut self, timeout: Duration) -> Output {
+        let Some(mut child) = self.child.take() else {
+            panic!("the host was already collected");
+        };
+        let start = Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if start.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = child.kill();
+                    break child.wait().expect("reaping hvisd host");
+                }
+            }
+        };
+        let read = |name: &str| std::fs::read(self.dir.path().join(name)).unwrap_or_default();
+        Output {
+            status,
+            stdout: read("stdout"),
+            stderr: read("stderr"),
+        }
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Only this child, by its own PID.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Parses a host transcript (the JSON array `hvisd host` prints).
