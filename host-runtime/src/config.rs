@@ -37,6 +37,35 @@ pub struct PluginsSection {
     /// writable by nobody else: its files are native code.
     #[serde(default = "default_plugin_cache")]
     pub cache_dir: PathBuf,
+    /// The user plugin workers run as: a dedicated system user `hvisd-plugin` if the system has
+    /// one, else `nobody`. Never root. Grant directories must be readable (and, for read-write
+    /// grants, writable) by this user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Refuse to start plugins on a kernel without Landlock (default: start them, with a warning).
+    #[serde(default)]
+    pub require_landlock: bool,
+    /// Debug builds only (release builds refuse the key): the compromised-worker test. Once the
+    /// plugins are loaded, a worker of `plugin` is started that, once confined, tries each of
+    /// `attempts` as arbitrary native code would, and the report is written to `report` as JSON.
+    #[cfg(debug_assertions)]
+    #[serde(default)]
+    pub escape_test: Option<EscapeTest>,
+}
+
+/// `[plugins.escape-test]` (debug builds): see [`PluginsSection::escape_test`].
+#[cfg(debug_assertions)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscapeTest {
+    /// The plugin whose worker is compromised.
+    pub plugin: String,
+    /// `open:PATH`, `write:PATH`, `socket:inet`, `socket:unix:PATH`, `fifreeze:PATH`,
+    /// `ptrace:PID`, `kill:PID`, `exec:PATH`, `fork`, `setuid:0`; `{core}` stands for the
+    /// daemon's pid.
+    pub attempts: Vec<String>,
+    /// Where the JSON report goes: `{"core_pid": N, "results": [[attempt, verdict], ...]}`.
+    pub report: PathBuf,
 }
 
 fn default_plugin_cache() -> PathBuf {
@@ -47,7 +76,35 @@ impl Default for PluginsSection {
     fn default() -> Self {
         Self {
             cache_dir: default_plugin_cache(),
+            user: None,
+            require_landlock: false,
+            #[cfg(debug_assertions)]
+            escape_test: None,
         }
+    }
+}
+
+impl PluginsSection {
+    /// The (uid, gid) plugin workers run as, and the user's name.
+    pub fn worker_user(&self) -> Result<(String, u32, u32), String> {
+        let candidates: Vec<&str> = match &self.user {
+            Some(name) => vec![name.as_str()],
+            None => vec!["hvisd-plugin", "nobody"],
+        };
+        for name in &candidates {
+            if let Some((uid, gid)) = hvisd_sys::process::lookup_user(name) {
+                if uid == 0 || gid == 0 {
+                    return Err(format!(
+                        "[plugins] user {name:?} is root (uid {uid}, gid {gid}); plugins never run as root"
+                    ));
+                }
+                return Ok(((*name).to_owned(), uid, gid));
+            }
+        }
+        Err(format!(
+            "no user {} on this system for the plugin workers; create one or set [plugins] user",
+            candidates.join(" or ")
+        ))
     }
 }
 

@@ -52,6 +52,9 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Internal: a plugin worker, started by the daemon (never by hand).
+    #[command(name = "plugin-worker", hide = true)]
+    PluginWorker,
     /// Inspect plugins.
     Plugin {
         #[command(subcommand)]
@@ -118,6 +121,17 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Command::PluginWorker = cli.command {
+        // First thing, single-threaded: the worker confines itself before anything else runs,
+        // and its log lines go to the core, not to this process's stderr.
+        return match hvisd_plugin_host::worker::run(hvisd_plugin_host::worker::CONTROL_FD) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                eprintln!("hvisd plugin worker: {e}");
+                std::process::exit(2);
+            }
+        };
+    }
     init_tracing(cli.log.as_deref());
     match cli.command {
         Command::Run {
@@ -138,6 +152,7 @@ fn main() -> Result<()> {
             let config = load_config(config.as_ref())?;
             runtime()?.block_on(sim(script, root, config))
         }
+        Command::PluginWorker => Ok(()),
         Command::Plugin {
             command:
                 PluginCommand::Check {
@@ -175,8 +190,17 @@ async fn stop_signal() -> Result<()> {
 async fn run(transport: &str, config: Config, config_path: Option<PathBuf>) -> Result<()> {
     let kvp_device = config.kvp.device.clone();
     let services = Services::new(config.clone())?;
-    let plugins = hvisd::plugins::Plugins::start(&config, &services).await?;
-    if let (Some(plugins), Some(path)) = (plugins, config_path) {
+    // With a config file the plugins are always set up, so a SIGHUP can add some even if there
+    // were none at start.
+    let plugins = match &config_path {
+        Some(_) => Some(hvisd::plugins::Plugins::start_always(&config, &services).await?),
+        None => hvisd::plugins::Plugins::start(&config, &services).await?,
+    };
+    #[cfg(debug_assertions)]
+    if let (Some(plugins), Some(test)) = (&plugins, &config.plugins.escape_test) {
+        escape_test(plugins, test).await?;
+    }
+    if let (Some(plugins), Some(path)) = (plugins.clone(), config_path) {
         tokio::spawn(reload_on_sighup(plugins, path));
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -243,9 +267,32 @@ async fn run(transport: &str, config: Config, config_path: Option<PathBuf>) -> R
     }
 }
 
+/// Debug builds: runs the compromised-worker test of the config and writes its report.
+#[cfg(debug_assertions)]
+async fn escape_test(
+    plugins: &hvisd::plugins::Plugins,
+    test: &hvisd::config::EscapeTest,
+) -> Result<()> {
+    let core = std::process::id();
+    let attempts = test
+        .attempts
+        .iter()
+        .map(|a| a.replace("{core}", &core.to_string()))
+        .collect();
+    let results = plugins
+        .escape_test(&test.plugin, attempts)
+        .await
+        .map_err(|e| anyhow::anyhow!("escape test: {e}"))?;
+    let report = serde_json::json!({ "core_pid": core, "results": results });
+    std::fs::write(&test.report, report.to_string())
+        .with_context(|| format!("writing {}", test.report.display()))?;
+    tracing::warn!(report = %test.report.display(), "escape test done (debug build)");
+    Ok(())
+}
+
 /// SIGHUP re-reads the config file and reloads the plugins. A config that does not parse, or
 /// plugins that do not load, leave the running ones in place; requests in flight finish either way.
-async fn reload_on_sighup(plugins: hvisd::plugins::Plugins, path: PathBuf) {
+async fn reload_on_sighup(plugins: std::sync::Arc<hvisd::plugins::Plugins>, path: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,

@@ -311,3 +311,70 @@ pub fn transcript(output: &Output) -> Vec<serde_json::Value> {
         ),
     }
 }
+
+/// An ext4 image this test made, loop-mounted at a directory of its own; on drop (every exit
+/// path that unwinds) it is thawed, if anything froze it, and unmounted (the loop device goes
+/// with it). `None` unless running as root with `mkfs.ext4` and loop devices.
+pub struct LoopMount {
+    dir: tempfile::TempDir,
+    mounted: bool,
+}
+
+impl LoopMount {
+    /// Makes a `size_mib` ext4 image and mounts it.
+    pub fn ext4(size_mib: u64) -> Option<Self> {
+        if !rustix::process::geteuid().is_root() {
+            return None;
+        }
+        let dir = tempfile::tempdir().ok()?;
+        let image = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).ok()?;
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(size_mib << 20))
+            .ok()?;
+        let quiet = |cmd: &mut Command| {
+            cmd.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !quiet(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image)) {
+            return None;
+        }
+        if !quiet(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&image)
+                .arg(&mnt),
+        ) {
+            return None;
+        }
+        Some(Self { dir, mounted: true })
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        if self.mounted {
+            let mnt = self.path();
+            // Thaw first: unmounting a frozen file system would hang.
+            let _ = Command::new("fsfreeze")
+                .arg("--unfreeze")
+                .arg(&mnt)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let _ = Command::new("umount")
+                .arg(&mnt)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}

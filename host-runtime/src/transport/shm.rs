@@ -63,6 +63,12 @@ fn scan_key(entry: &Result<FoundOffer, (String, ShmError)>) -> String {
 /// Why an offer could not be read or opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ShmError {
+    /// The offer's directory entry is a symlink.
+    #[error("{}: an offer directory must not be a symlink; refused", shown(dir))]
+    Symlink {
+        /// The entry.
+        dir: PathBuf,
+    },
     /// The directory name is not UTF-8 (so it cannot be a GUID).
     #[error("offer directory {name:?} is not named by an instance GUID")]
     BadName {
@@ -166,7 +172,18 @@ impl ShmRoot {
         let mut looked_at = 0usize;
         for entry in std::fs::read_dir(&self.root)? {
             let entry = entry?;
-            if !entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            let file_type = entry.file_type().ok();
+            if file_type.is_some_and(|t| t.is_symlink()) {
+                // An offer directory must be a real directory of the root: a symlink could point
+                // anywhere on this machine. Refused, and reported like any broken offer.
+                let name = entry.file_name();
+                let shown = hvisd_protocol::text::escape_bytes(name.as_encoded_bytes(), 64);
+                let identity = format!("{shown}@{}", std::os::unix::fs::DirEntryExt::ino(&entry));
+                scan.offers
+                    .push(Err((identity, ShmError::Symlink { dir: entry.path() })));
+                continue;
+            }
+            if !file_type.is_some_and(|t| t.is_dir()) {
                 continue;
             }
             if looked_at == MAX_OFFER_DIRS {

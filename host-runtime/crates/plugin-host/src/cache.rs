@@ -146,46 +146,51 @@ impl ComponentCache {
         Ok((component, outcome))
     }
 
-    /// The artifact of `wasm` for `engine` as a read-only descriptor, compiling and caching it
-    /// first if needed: what the core hands a plugin worker, so a worker never chooses (or
-    /// writes) the native code it runs. Compiling does not run any of the plugin's code.
-    pub fn artifact_fd(
+    /// The name of the artifact of `wasm` for `engine` in this cache, compiling and caching it
+    /// first if needed. Compiling does not run any of the plugin's code. The core opens it with
+    /// [`ComponentCache::open_artifact`] for each worker it starts, so a worker never chooses (or
+    /// writes) the native code it runs.
+    pub fn artifact(
         &self,
         engine: &Engine,
         wasm: &[u8],
-    ) -> Result<(OwnedFd, CacheOutcome), HostError> {
+    ) -> Result<(String, CacheOutcome), HostError> {
         let name = Self::key(engine, wasm);
-        let mut outcome = CacheOutcome::Hit;
-        if let Err(e) = self.open_checked(&name) {
-            if e.kind() != std::io::ErrorKind::NotFound {
+        match self.open_artifact(&name) {
+            Ok(_) => return Ok((name, CacheOutcome::Hit)),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 tracing::warn!(artifact = %name, "cached plugin artifact refused, recompiling: {e}");
-                let _ = rustix::fs::unlinkat(self.dir_fd.as_fd(), name.as_str(), rustix::fs::AtFlags::empty());
+                let _ = rustix::fs::unlinkat(
+                    self.dir_fd.as_fd(),
+                    name.as_str(),
+                    rustix::fs::AtFlags::empty(),
+                );
             }
-            let compiled = engine
-                .precompile_component(wasm)
-                .map_err(|e| HostError::Compile(format!("{e:#}")))?;
-            self.store(&name, &compiled).map_err(|e| HostError::Cache {
-                dir: self.dir.clone(),
-                problem: format!("cannot write the compiled plugin: {e}"),
-            })?;
-            outcome = CacheOutcome::Compiled;
+            Err(_) => {}
         }
-        let fd = self.open_checked(&name).map_err(|e| HostError::Cache {
+        let compiled = engine
+            .precompile_component(wasm)
+            .map_err(|e| HostError::Compile(format!("{e:#}")))?;
+        self.store(&name, &compiled).map_err(|e| HostError::Cache {
             dir: self.dir.clone(),
-            problem: format!("cannot open the compiled plugin {name}: {e}"),
+            problem: format!("cannot write the compiled plugin: {e}"),
         })?;
-        Ok((fd, outcome))
+        Ok((name, CacheOutcome::Compiled))
     }
 
     /// Removes the artifact of `wasm` (a worker could not load it: it is recompiled next time).
     pub fn forget(&self, engine: &Engine, wasm: &[u8]) {
         let name = Self::key(engine, wasm);
-        let _ = rustix::fs::unlinkat(self.dir_fd.as_fd(), name.as_str(), rustix::fs::AtFlags::empty());
+        let _ = rustix::fs::unlinkat(
+            self.dir_fd.as_fd(),
+            name.as_str(),
+            rustix::fs::AtFlags::empty(),
+        );
     }
 
-    /// Opens an artifact read-only without following links and checks it is a regular file of
-    /// ours that nobody else can write.
-    fn open_checked(&self, name: &str) -> std::io::Result<OwnedFd> {
+    /// Opens an artifact read-only, relative to the pinned directory and without following links,
+    /// and checks it is a regular file of ours that nobody else can write.
+    pub fn open_artifact(&self, name: &str) -> std::io::Result<OwnedFd> {
         let fd = rustix::fs::openat(
             self.dir_fd.as_fd(),
             name,

@@ -40,8 +40,8 @@ mod stdio;
 mod store;
 mod text;
 mod types;
-mod worlds;
 pub mod worker;
+mod worlds;
 
 pub use cache::{CacheOutcome, ComponentCache};
 pub use check::{CheckReport, ManifestVerdict, check};
@@ -50,11 +50,15 @@ pub use lifecycle::{HostServices, LoadSummary, PluginHost, PluginState, PluginSt
 pub use manifest::{ManifestError, PluginManifest, World};
 pub use state::{BoxedReader, BoxedWriter, ConnectFuture, HvsockConnector};
 pub use types::{
-    KvpError, KvpFuture, KvpStore, MAX_KEY_LEN, MAX_VALUE_LEN, MemoryKvpStore, Pool, Value,
+    CheckedKvp, KvpError, KvpFuture, KvpStore, MAX_KEY_LEN, MAX_VALUE_LEN, MemoryKvpStore, Pool,
+    Value,
 };
+pub use wasmtime::Engine;
 pub use worlds::freeze_hooks::{FreezeContext, FreezeOutcome, PreFreeze};
 pub use worlds::freeze_policy::{FreezePlan, Mount};
-pub use worlds::kvp_provider::{MAX_OWNED_KEYS, OwnedKey, Provider, ProviderKeys};
+pub use worlds::kvp_provider::{
+    MAX_OWNED_KEYS, OwnedKey, Provider, ProviderKeys, assign_owners, described_keys,
+};
 
 /// Errors from setting up the host or loading plugins.
 #[derive(Debug, thiserror::Error)]

@@ -146,6 +146,13 @@ pub struct Limits {
     pub recycle_after_calls: u64,
     /// After this many traps in a row the plugin is disabled.
     pub max_consecutive_traps: u32,
+    /// Share of one CPU the plugin's worker may use over `cpu-window-s`, in percent; past it the
+    /// plugin is throttled for the rest of the window (disabled after three windows).
+    pub cpu_percent: u32,
+    /// The window of `cpu-percent`, in seconds.
+    pub cpu_window_s: u64,
+    /// Log lines a minute the plugin may write (after a burst of as many); the rest are counted.
+    pub log_lines_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -156,6 +163,9 @@ impl Default for Limits {
             connection_deadline_ms: 60_000,
             recycle_after_calls: 10_000,
             max_consecutive_traps: 3,
+            cpu_percent: 25,
+            cpu_window_s: 10,
+            log_lines_per_minute: 60,
         }
     }
 }
@@ -289,6 +299,20 @@ impl PluginManifest {
                 "limits.max-consecutive-traps",
                 "0 would disable the plugin before it runs".into(),
                 "use 1 or more (default 3)",
+            );
+        }
+        if l.cpu_percent == 0 || l.cpu_percent > 100 {
+            err(
+                "limits.cpu-percent",
+                format!("{}% is out of range", l.cpu_percent),
+                "use a value from 1 to 100 (default 25)",
+            );
+        }
+        if l.cpu_window_s == 0 || l.cpu_window_s > 3600 {
+            err(
+                "limits.cpu-window-s",
+                format!("{} s is out of range", l.cpu_window_s),
+                "use a value from 1 to 3600 (default 10)",
             );
         }
         for (i, g) in self.kvp.iter().enumerate() {

@@ -15,9 +15,9 @@ use wasmtime_wasi::p2::pipe::{AsyncReadStream, AsyncWriteStream};
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::manifest::{Access, PluginManifest};
+use crate::manifest::PluginManifest;
 use crate::text::{Escaped, truncate};
-use crate::types::{KvpError, KvpStore, MAX_KEY_LEN, MAX_VALUE_LEN, Pool, Value, key_problem};
+use crate::types::{CheckedKvp, KvpError, KvpStore, Pool, Value};
 
 pub(crate) mod bindings {
     wasmtime::component::bindgen!({
@@ -172,27 +172,10 @@ impl From<KvpError> for wit::types::Error {
 }
 
 impl HostState {
-    /// The capability check in front of every `kvp-store` call.
-    fn check_kvp(&self, pool: Pool, key: &str, need: Access) -> Result<(), KvpError> {
-        if let Some(problem) = key_problem(key) {
-            return Err(KvpError::Invalid(format!(
-                "key `{}` {problem}; keys are 1 to {MAX_KEY_LEN} bytes without NUL",
-                Escaped(key)
-            )));
-        }
-        let m = &self.plugin.manifest;
-        match (m.kvp_access(pool, key), need) {
-            (Some(Access::ReadWrite), _) | (Some(Access::ReadOnly), Access::ReadOnly) => Ok(()),
-            (Some(Access::ReadOnly), Access::ReadWrite) => Err(KvpError::Denied(format!(
-                "plugin `{}` has read-only access to key `{}` in pool {pool}; grant access = \"read-write\" in its manifest",
-                m.name,
-                Escaped(key)
-            ))),
-            (None, _) => Err(KvpError::Denied(format!(
-                "plugin `{}` has no grant for key `{}` in pool {pool}; add a [[plugin.kvp]] entry",
-                m.name,
-                Escaped(key)
-            ))),
+    fn kvp(&self) -> CheckedKvp<'_> {
+        CheckedKvp {
+            manifest: &self.plugin.manifest,
+            store: &*self.plugin.kvp,
         }
     }
 }
@@ -203,9 +186,7 @@ impl wit::kvp_store::Host for HostState {
         pool: wit::types::Pool,
         key: String,
     ) -> Result<Option<wit::types::Value>, wit::types::Error> {
-        let pool = Pool::from(pool);
-        self.check_kvp(pool, &key, Access::ReadOnly)?;
-        Ok(self.plugin.kvp.get(pool, key).await?.map(Into::into))
+        Ok(self.kvp().get(pool.into(), key).await?.map(Into::into))
     }
 
     async fn set(
@@ -214,18 +195,7 @@ impl wit::kvp_store::Host for HostState {
         key: String,
         value: wit::types::Value,
     ) -> Result<(), wit::types::Error> {
-        let pool = Pool::from(pool);
-        self.check_kvp(pool, &key, Access::ReadWrite)?;
-        if let wit::types::Value::Text(s) = &value
-            && s.len() > MAX_VALUE_LEN
-        {
-            return Err(KvpError::Invalid(format!(
-                "value is {} bytes, limit {MAX_VALUE_LEN}",
-                s.len()
-            ))
-            .into());
-        }
-        Ok(self.plugin.kvp.set(pool, key, value.into()).await?)
+        Ok(self.kvp().set(pool.into(), key, value.into()).await?)
     }
 
     async fn delete(
@@ -233,9 +203,7 @@ impl wit::kvp_store::Host for HostState {
         pool: wit::types::Pool,
         key: String,
     ) -> Result<bool, wit::types::Error> {
-        let pool = Pool::from(pool);
-        self.check_kvp(pool, &key, Access::ReadWrite)?;
-        Ok(self.plugin.kvp.delete(pool, key).await?)
+        Ok(self.kvp().delete(pool.into(), key).await?)
     }
 
     async fn list(
@@ -243,23 +211,7 @@ impl wit::kvp_store::Host for HostState {
         pool: wit::types::Pool,
         prefix: String,
     ) -> Result<Vec<String>, wit::types::Error> {
-        let pool = Pool::from(pool);
-        let m = &self.plugin.manifest;
-        if !m.can_read_pool(pool) {
-            return Err(KvpError::Denied(format!(
-                "plugin `{}` has no grant in pool {pool}; add a [[plugin.kvp]] entry",
-                m.name
-            ))
-            .into());
-        }
-        Ok(self
-            .plugin
-            .kvp
-            .list(pool)
-            .await?
-            .into_iter()
-            .filter(|k| k.starts_with(&prefix) && m.kvp_access(pool, k).is_some())
-            .collect())
+        Ok(self.kvp().list(pool.into(), &prefix).await?)
     }
 }
 

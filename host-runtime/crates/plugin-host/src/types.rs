@@ -149,3 +149,86 @@ mod tests {
         assert_eq!(key_problem("a\0b").as_deref(), Some("contains NUL"));
     }
 }
+
+/// The `kvp-store` operations of one plugin, each checked against its manifest (pool, key pattern,
+/// read or read-write access) and the key and value limits before `store` is called. The one
+/// place these checks live: the in-process import and the core's answer to a worker's import
+/// both go through it (a worker's own checks are not trusted).
+pub struct CheckedKvp<'a> {
+    /// The plugin's manifest.
+    pub manifest: &'a crate::manifest::PluginManifest,
+    /// The store behind the checks.
+    pub store: &'a dyn KvpStore,
+}
+
+impl CheckedKvp<'_> {
+    fn check(&self, pool: Pool, key: &str, write: bool) -> Result<(), KvpError> {
+        use crate::manifest::Access;
+        use crate::text::Escaped;
+        if let Some(problem) = key_problem(key) {
+            return Err(KvpError::Invalid(format!(
+                "key `{}` {problem}; keys are 1 to {MAX_KEY_LEN} bytes without NUL",
+                Escaped(key)
+            )));
+        }
+        let m = self.manifest;
+        match m.kvp_access(pool, key) {
+            Some(Access::ReadWrite) => Ok(()),
+            Some(Access::ReadOnly) if !write => Ok(()),
+            Some(Access::ReadOnly) => Err(KvpError::Denied(format!(
+                "plugin `{}` has read-only access to key `{}` in pool {pool}; grant access = \"read-write\" in its manifest",
+                m.name,
+                Escaped(key)
+            ))),
+            None => Err(KvpError::Denied(format!(
+                "plugin `{}` has no grant for key `{}` in pool {pool}; add a [[plugin.kvp]] entry",
+                m.name,
+                Escaped(key)
+            ))),
+        }
+    }
+
+    /// `kvp-store.get`.
+    pub async fn get(&self, pool: Pool, key: String) -> Result<Option<Value>, KvpError> {
+        self.check(pool, &key, false)?;
+        self.store.get(pool, key).await
+    }
+
+    /// `kvp-store.set`.
+    pub async fn set(&self, pool: Pool, key: String, value: Value) -> Result<(), KvpError> {
+        self.check(pool, &key, true)?;
+        if let Value::Text(s) = &value
+            && s.len() > MAX_VALUE_LEN
+        {
+            return Err(KvpError::Invalid(format!(
+                "value is {} bytes, limit {MAX_VALUE_LEN}",
+                s.len()
+            )));
+        }
+        self.store.set(pool, key, value).await
+    }
+
+    /// `kvp-store.delete`.
+    pub async fn delete(&self, pool: Pool, key: String) -> Result<bool, KvpError> {
+        self.check(pool, &key, true)?;
+        self.store.delete(pool, key).await
+    }
+
+    /// `kvp-store.list`: the keys of `pool` starting with `prefix` that the plugin may read.
+    pub async fn list(&self, pool: Pool, prefix: &str) -> Result<Vec<String>, KvpError> {
+        let m = self.manifest;
+        if !m.can_read_pool(pool) {
+            return Err(KvpError::Denied(format!(
+                "plugin `{}` has no grant in pool {pool}; add a [[plugin.kvp]] entry",
+                m.name
+            )));
+        }
+        Ok(self
+            .store
+            .list(pool)
+            .await?
+            .into_iter()
+            .filter(|k| k.starts_with(prefix) && m.kvp_access(pool, k).is_some())
+            .collect())
+    }
+}

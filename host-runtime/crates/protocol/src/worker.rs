@@ -352,20 +352,29 @@ pub fn encode_to_core(message: &ToCore) -> Vec<u8> {
     encode(message)
 }
 
-/// Decodes a frame's payload from a worker (hostile input: bounded, never panics).
-pub fn decode_to_core(payload: &[u8]) -> Result<ToCore, FrameError> {
+/// Decodes exactly one message from `payload`: trailing bytes are an error too.
+fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     if payload.len() > MAX_FRAME {
         return Err(FrameError::TooLarge(payload.len()));
     }
-    postcard::from_bytes(payload).map_err(|e| FrameError::Malformed(e.to_string()))
+    match postcard::take_from_bytes(payload) {
+        Ok((message, [])) => Ok(message),
+        Ok((_, rest)) => Err(FrameError::Malformed(format!(
+            "{} bytes after the message",
+            rest.len()
+        ))),
+        Err(e) => Err(FrameError::Malformed(e.to_string())),
+    }
+}
+
+/// Decodes a frame's payload from a worker (hostile input: bounded, never panics).
+pub fn decode_to_core(payload: &[u8]) -> Result<ToCore, FrameError> {
+    decode(payload)
 }
 
 /// Decodes a frame's payload from the core.
 pub fn decode_to_worker(payload: &[u8]) -> Result<ToWorker, FrameError> {
-    if payload.len() > MAX_FRAME {
-        return Err(FrameError::TooLarge(payload.len()));
-    }
-    postcard::from_bytes(payload).map_err(|e| FrameError::Malformed(e.to_string()))
+    decode(payload)
 }
 
 #[cfg(test)]

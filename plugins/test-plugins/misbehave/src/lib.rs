@@ -13,10 +13,18 @@
 //! (writes to stdout, stderr and the logging import). Escape attempts answer
 //! `blocked: <error>` when the sandbox held, `ESCAPED: <content>` when not.
 //!
+//! Budgets enforced from outside the engine: `sleep` (parks in a blocking
+//! WASI sleep for an hour), `poll-far` (blocks on a pollable that is never
+//! ready), `fds` (opens `/data/hello.txt` until that fails and keeps every
+//! descriptor), `near-deadline` (busy for 40 ms of wall clock, under a 60 ms
+//! deadline), `log-flood` (10 000 log lines), `log-forged` (log and stdout
+//! lines with newlines, ANSI sequences and a fake hvisd prefix).
+//!
 //! `describe` owns the keys above, unless the guest-pool key
 //! `misbehave.describe` (readable only if the manifest grants it) is
 //! `bad-keys`: then it claims every kind of key hvisd must drop (see
-//! [`bad_keys`]).
+//! [`bad_keys`]); or `alias`: then it returns 100 000 keys that all point at
+//! one 4 MiB buffer (see [`aliased_keys`]).
 
 use std::hint::black_box;
 
@@ -45,7 +53,21 @@ const KEYS: &[&str] = &[
     "connect-granted",
     "connect-other",
     "print",
+    "sleep",
+    "poll-far",
+    "fds",
+    "near-deadline",
+    "log-flood",
+    "log-forged",
 ];
+
+/// A forged log line: a newline, then what looks like an hvisd record of
+/// another component, with ANSI colour and a carriage return.
+const FORGED: &str = "innocent\n2026-12-07T00:00:00.000000Z ERROR hvisd::runtime: \
+     \u{1b}[31mforged: the host asked for shutdown\u{1b}[0m plugin=app-version\rover";
+
+/// Descriptors kept open by `fds`, so they stay open after the call.
+static HOARD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
 
 fn spin() -> ! {
     let mut x = 0u64;
@@ -103,10 +125,35 @@ fn bad_keys() -> ProviderInfo {
     ProviderInfo::owning(keys.iter().map(|(p, k)| (*p, k.as_str())))
 }
 
+/// 100 000 owned keys whose strings all alias one leaked 4 MiB buffer: 4 KiB
+/// of list in the guest that lifts to 400 GB on the host unless the host
+/// bounds what it copies (wasmtime's hostcall fuel). The strings are made to
+/// share memory on purpose; if a host ever lifted them all, the guest's
+/// post-return would free the buffer many times, which traps in the guest
+/// only.
+fn aliased_keys() -> ProviderInfo {
+    let buffer: &'static mut [u8] = Vec::leak(vec![b'a'; 4 << 20]);
+    let (ptr, len) = (buffer.as_mut_ptr(), buffer.len());
+    let owned_keys = (0..100_000)
+        .map(|_| hvisd_sdk::PoolKey {
+            pool: Pool::Guest,
+            // SAFETY: not sound in Rust's terms (many owners of one buffer),
+            // deliberately: this plugin exists to send aliased strings to the
+            // host. The bytes are valid UTF-8 and outlive every owner.
+            key: unsafe { String::from_raw_parts(ptr, len, len) },
+        })
+        .collect();
+    ProviderInfo {
+        owned_keys,
+        subscribe: Vec::new(),
+    }
+}
+
 impl KvpProvider for Misbehave {
     fn describe() -> ProviderInfo {
         match kvp::get(Pool::Guest, "misbehave.describe") {
             Ok(Some(Value::Text(mode))) if mode == "bad-keys" => bad_keys(),
+            Ok(Some(Value::Text(mode))) if mode == "alias" => aliased_keys(),
             _ => ProviderInfo::owning(KEYS.iter().map(|k| (Pool::Guest, *k))),
         }
     }
@@ -155,6 +202,49 @@ impl KvpProvider for Misbehave {
                 eprintln!("to stderr");
                 hvisd_sdk::log::warn("through the logging import");
                 Value::Text("printed".into())
+            }
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Value::Text("ESCAPED: slept an hour".into())
+            }
+            "poll-far" => {
+                // A monotonic-clock pollable due in 584 years.
+                std::thread::sleep(std::time::Duration::MAX);
+                Value::Text("ESCAPED: the far pollable became ready".into())
+            }
+            "fds" => {
+                let mut hoard = HOARD.lock().unwrap_or_else(|p| p.into_inner());
+                let before = hoard.len();
+                let error = loop {
+                    match std::fs::File::open("/data/hello.txt") {
+                        Ok(f) => hoard.push(f),
+                        Err(e) => break e,
+                    }
+                    if hoard.len() - before >= 1_000_000 {
+                        break std::io::Error::other("a million descriptors");
+                    }
+                };
+                Value::Text(format!("opened {} then: {error}", hoard.len() - before))
+            }
+            "near-deadline" => {
+                let start = std::time::Instant::now();
+                let mut x = 0u64;
+                while start.elapsed() < std::time::Duration::from_millis(40) {
+                    x = black_box(x.wrapping_add(1));
+                }
+                Value::U64(x)
+            }
+            "log-flood" => {
+                for i in 0..10_000 {
+                    hvisd_sdk::log::info(&format!("flood line {i}"));
+                }
+                Value::Text("flooded".into())
+            }
+            "log-forged" => {
+                hvisd_sdk::log::error(FORGED);
+                println!("{FORGED}");
+                eprintln!("{FORGED}");
+                Value::Text("forged".into())
             }
             "connect-other" => Value::Text(match hvisd_sdk::hvsock::connect("forbidden") {
                 Ok(_) => "ESCAPED: connected to an ungranted service".into(),

@@ -106,7 +106,10 @@ pub(super) fn confine(
                 init.uid
             ));
         }
-        report.push(format!("user: uid {} gid {}, no capabilities", init.uid, init.gid));
+        report.push(format!(
+            "user: uid {} gid {}, no capabilities",
+            init.uid, init.gid
+        ));
     }
 
     rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
@@ -244,8 +247,11 @@ const ALLOWED: &[i64] = &[
     libc::SYS_getrlimit,
     libc::SYS_membarrier,
     libc::SYS_uname,
+    // More filters (which can only narrow what is allowed): the clone3 filter below.
+    libc::SYS_seccomp,
     // WASI files below the grants (Landlock decides which paths).
     libc::SYS_openat,
+    libc::SYS_openat2,
     libc::SYS_getdents64,
     libc::SYS_mkdirat,
     libc::SYS_unlinkat,
@@ -264,6 +270,8 @@ const ALLOWED: &[i64] = &[
     libc::SYS_faccessat2,
     libc::SYS_dup,
     libc::SYS_dup3,
+    // wasmtime's copy-on-write memory images.
+    libc::SYS_memfd_create,
 ];
 
 #[cfg(target_arch = "x86_64")]
@@ -295,10 +303,22 @@ fn seccomp() -> Result<(), String> {
             libc::F_GETFL,
             libc::F_SETFL,
             libc::F_DUPFD_CLOEXEC,
+            // Sealing wasmtime's memory images.
+            libc::F_ADD_SEALS,
+            libc::F_GET_SEALS,
         ]
         .iter()
         .map(|&cmd| rule(vec![arg(1, SeccompCmpOp::Eq, cmd as u64)?]))
         .collect::<Result<_, _>>()?,
+    );
+    // ioctl for non-blocking and close-on-exec flags only (the standard library's
+    // `set_nonblocking`); FIFREEZE, terminal and device requests fail.
+    rules.insert(
+        libc::SYS_ioctl,
+        [libc::FIONBIO, libc::FIOCLEX]
+            .iter()
+            .map(|&req| rule(vec![arg(1, SeccompCmpOp::Eq, req)?]))
+            .collect::<Result<_, _>>()?,
     );
     // Signals to itself only (abort, wasmtime's trap handling): tgkill with our own tgid.
     let me = rustix::process::getpid().as_raw_nonzero().get() as u64;
@@ -306,13 +326,17 @@ fn seccomp() -> Result<(), String> {
         libc::SYS_tgkill,
         vec![rule(vec![arg(0, SeccompCmpOp::Eq, me)?])?],
     );
-    // Thread names only.
+    // Thread names, and no-new-privileges (already set; installing a filter sets it again).
     rules.insert(
         libc::SYS_prctl,
-        [libc::PR_SET_NAME, libc::PR_GET_NAME]
-            .iter()
-            .map(|&op| rule(vec![arg(0, SeccompCmpOp::Eq, op as u64)?]))
-            .collect::<Result<_, _>>()?,
+        [
+            libc::PR_SET_NAME,
+            libc::PR_GET_NAME,
+            libc::PR_SET_NO_NEW_PRIVS,
+        ]
+        .iter()
+        .map(|&op| rule(vec![arg(0, SeccompCmpOp::Eq, op as u64)?]))
+        .collect::<Result<_, _>>()?,
     );
     let filter = SeccompFilter::new(
         rules,
@@ -322,6 +346,20 @@ fn seccomp() -> Result<(), String> {
     )
     .map_err(|e| format!("seccomp filter: {e}"))?;
     let program: seccompiler::BpfProgram = filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| format!("seccomp filter: {e}"))?;
+    seccompiler::apply_filter(&program).map_err(|e| format!("seccomp: {e}"))?;
+    // clone3 must fail with ENOSYS, not EPERM, for the C library to fall back to clone (which
+    // the filter above can inspect). Filters stack and, between two errno results, the one
+    // installed last decides: this second filter turns clone3's EPERM into ENOSYS.
+    let clone3 = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|e| format!("seccomp filter: {e}"))?;
+    let program: seccompiler::BpfProgram = clone3
         .try_into()
         .map_err(|e: seccompiler::BackendError| format!("seccomp filter: {e}"))?;
     seccompiler::apply_filter(&program).map_err(|e| format!("seccomp: {e}"))

@@ -2,16 +2,11 @@
 //! run after the confinement and reported to the core, so a test can prove each one fails. Not
 //! compiled into release builds.
 
-use std::os::fd::AsRawFd;
-
 /// Runs each attempt (`open:PATH`, `write:PATH`, `socket:inet`, `socket:unix:PATH`,
-/// `fifreeze:FD`, `ptrace:PID`, `kill:PID`, `exec:PATH`, `fork`, `setuid:0`) and says what
+/// `fifreeze:PATH`, `ptrace:PID`, `kill:PID`, `exec:PATH`, `fork`, `setuid:0`) and says what
 /// happened: `denied: ...` or `ALLOWED`.
 pub(super) fn attempt(attempts: &[String]) -> Vec<(String, String)> {
-    attempts
-        .iter()
-        .map(|a| (a.clone(), try_one(a)))
-        .collect()
+    attempts.iter().map(|a| (a.clone(), try_one(a))).collect()
 }
 
 fn verdict<T, E: std::fmt::Display>(r: Result<T, E>) -> String {
@@ -25,11 +20,12 @@ fn try_one(attempt: &str) -> String {
     let (what, arg) = attempt.split_once(':').unwrap_or((attempt, ""));
     match what {
         "open" => verdict(std::fs::File::open(arg)),
+        // Appends (creating the file if needed) and never truncates: nothing is lost even if
+        // the attempt were allowed.
         "write" => verdict(
             std::fs::OpenOptions::new()
-                .write(true)
+                .append(true)
                 .create(true)
-                .truncate(true)
                 .open(arg),
         ),
         "socket" => match arg {
@@ -38,19 +34,18 @@ fn try_one(attempt: &str) -> String {
                 unix.strip_prefix("unix:").unwrap_or(unix),
             )),
         },
-        "fifreeze" => {
-            let fd: i32 = arg.parse().unwrap_or(-1);
-            match hvisd_sys::process::adopt_inherited_fd(fd) {
-                Ok(owned) => {
-                    let r = hvisd_sys::freeze::freeze(&owned);
-                    // Never leave anything frozen, even if the attempt were allowed.
-                    let _ = hvisd_sys::freeze::thaw(&owned);
-                    let _ = owned.as_raw_fd();
-                    verdict(r)
+        // FIFREEZE on the file system of PATH (`/proc/self/fd/N` for an inherited descriptor).
+        "fifreeze" => match std::fs::File::open(arg) {
+            Ok(file) => {
+                let r = hvisd_sys::freeze::freeze(&file);
+                // Never leave anything frozen, even if the attempt were allowed.
+                if r.is_ok() {
+                    let _ = hvisd_sys::freeze::thaw(&file);
                 }
-                Err(e) => format!("denied: {e}"),
+                verdict(r)
             }
-        }
+            Err(e) => format!("denied: cannot even open it: {e}"),
+        },
         "ptrace" | "kill" => {
             let pid = arg
                 .parse::<i32>()

@@ -54,7 +54,10 @@ impl ForwardingKvpStore {
         async move {
             let frame = wire::encode_to_core(&ToCore::Import { id, import });
             if outbox.send(frame).await.is_err() {
-                pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
                 return Err(KvpError::Unavailable("the core is gone".into()));
             }
             rx.await

@@ -76,10 +76,14 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Forward {
     }
 }
 
-/// Installs the forwarding subscriber (debug and up) for the rest of the worker's life.
+/// Installs the forwarding subscriber for the rest of the worker's life: the plugin's own lines
+/// (target `hvisd::plugin`) from debug up, the engine's and the worker's from warn up.
 pub(crate) fn install(outbox: Outbox) {
+    let filter = tracing_subscriber::filter::Targets::new()
+        .with_target("hvisd::plugin", tracing::Level::DEBUG)
+        .with_default(tracing::Level::WARN);
     let _ = tracing_subscriber::registry()
-        .with(tracing_subscriber::filter::LevelFilter::DEBUG)
+        .with(filter)
         .with(Forward(outbox))
         .try_init();
 }

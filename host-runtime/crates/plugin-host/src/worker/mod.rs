@@ -58,7 +58,9 @@ pub(crate) type Outbox = mpsc::Sender<Vec<u8>>;
 /// Queued frames to the core; past this the worker waits (imports, replies) or drops (logs).
 const OUTBOX_DEPTH: usize = 256;
 
-fn read_frame_blocking(stream: &mut std::os::unix::net::UnixStream) -> Result<Vec<u8>, WorkerError> {
+fn read_frame_blocking(
+    stream: &mut std::os::unix::net::UnixStream,
+) -> Result<Vec<u8>, WorkerError> {
     let mut header = [0u8; wire::FRAME_HEADER];
     stream
         .read_exact(&mut header)
@@ -79,7 +81,11 @@ pub fn run(control_fd: i32) -> Result<(), WorkerError> {
     let mut stream = std::os::unix::net::UnixStream::from(control);
     let init = match wire::decode_to_worker(&read_frame_blocking(&mut stream)?) {
         Ok(ToWorker::Init(init)) => init,
-        Ok(other) => return Err(WorkerError::Control(format!("expected Init, got {other:?}"))),
+        Ok(other) => {
+            return Err(WorkerError::Control(format!(
+                "expected Init, got {other:?}"
+            )));
+        }
         Err(e) => return Err(WorkerError::Control(e.to_string())),
     };
     let fail = |stream: &mut std::os::unix::net::UnixStream, reason: String| {
@@ -118,6 +124,13 @@ pub fn run(control_fd: i32) -> Result<(), WorkerError> {
             }
         }
     }
+    // The async runtime is built before the seccomp filter: its I/O and signal drivers create
+    // their descriptors (an epoll instance, a wake-up socket pair) once, here, and the filter then
+    // need not allow creating more.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| WorkerError::Control(format!("async runtime: {e}")))?;
     let (report, _grants) = match confine::confine(&init, manifest.limits.memory_mib) {
         Ok(confined) => confined,
         Err(e) => {
@@ -131,10 +144,6 @@ pub fn run(control_fd: i32) -> Result<(), WorkerError> {
         let _ = stream.write_all(&wire::encode_to_core(&ToCore::EscapeReport(results)));
         return Ok(());
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| WorkerError::Control(format!("async runtime: {e}")))?;
     let served = runtime.block_on(serve(stream, init, manifest, report));
     drop(_grants);
     served
@@ -163,11 +172,50 @@ async fn serve(
     logs::install(outbox.clone());
     let pending: imports::Pending = Arc::new(Mutex::new(HashMap::new()));
     let host = match PluginHost::for_worker(HostServices {
-        kvp: Arc::new(imports::ForwardingKvpStore::new(outbox.clone(), pending.clone())),
+        kvp: Arc::new(imports::ForwardingKvpStore::new(
+            outbox.clone(),
+            pending.clone(),
+        )),
         hvsock: None,
     }) {
         Ok(h) => Arc::new(h),
         Err(e) => return init_failed(&outbox, e.to_string()).await,
+    };
+    // The core's frames are read from now on: loading may already call imports (a provider's
+    // `describe` reading its settings), whose replies must get through.
+    let plugin = manifest.name.clone();
+    let reader_task = {
+        let (host, outbox, pending) = (host.clone(), outbox.clone(), pending.clone());
+        tokio::spawn(async move {
+            loop {
+                let mut header = [0u8; wire::FRAME_HEADER];
+                if reader.read_exact(&mut header).await.is_err() {
+                    break;
+                }
+                let Ok(len) = wire::frame_len(header) else {
+                    break;
+                };
+                let mut payload = vec![0u8; len];
+                if reader.read_exact(&mut payload).await.is_err() {
+                    break;
+                }
+                match wire::decode_to_worker(&payload) {
+                    Ok(ToWorker::Call { id, call }) => {
+                        let (host, outbox, plugin) = (host.clone(), outbox.clone(), plugin.clone());
+                        tokio::spawn(async move {
+                            let reply = handle(&host, &plugin, call).await;
+                            let _ = outbox
+                                .send(wire::encode_to_core(&ToCore::Reply { id, reply }))
+                                .await;
+                        });
+                    }
+                    Ok(ToWorker::ImportReply { id, reply }) => {
+                        imports::complete(&pending, id, reply)
+                    }
+                    Ok(ToWorker::Shutdown) | Ok(ToWorker::Init(_)) | Err(_) => break,
+                }
+            }
+        })
     };
     let artifact = match hvisd_sys::wasm::TrustedArtifact::from_fd(
         match hvisd_sys::process::adopt_inherited_fd(init.artifact_fd) {
@@ -193,33 +241,7 @@ async fn serve(
             confinement,
         }))
         .await;
-    let plugin = manifest.name.clone();
-    loop {
-        let mut header = [0u8; wire::FRAME_HEADER];
-        if reader.read_exact(&mut header).await.is_err() {
-            break;
-        }
-        let Ok(len) = wire::frame_len(header) else {
-            break;
-        };
-        let mut payload = vec![0u8; len];
-        if reader.read_exact(&mut payload).await.is_err() {
-            break;
-        }
-        match wire::decode_to_worker(&payload) {
-            Ok(ToWorker::Call { id, call }) => {
-                let (host, outbox, plugin) = (host.clone(), outbox.clone(), plugin.clone());
-                tokio::spawn(async move {
-                    let reply = handle(&host, &plugin, call).await;
-                    let _ = outbox
-                        .send(wire::encode_to_core(&ToCore::Reply { id, reply }))
-                        .await;
-                });
-            }
-            Ok(ToWorker::ImportReply { id, reply }) => imports::complete(&pending, id, reply),
-            Ok(ToWorker::Shutdown) | Ok(ToWorker::Init(_)) | Err(_) => break,
-        }
-    }
+    let _ = reader_task.await;
     drop(outbox);
     let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
     Ok(())
@@ -267,11 +289,7 @@ fn freeze_context(ctx: wire::FreezeContext) -> FreezeContext {
 }
 
 /// One call on the worker's one plugin.
-async fn handle(
-    host: &PluginHost,
-    plugin: &str,
-    call: Call,
-) -> Result<CallReply, CallFailure> {
+async fn handle(host: &PluginHost, plugin: &str, call: Call) -> Result<CallReply, CallFailure> {
     match call {
         Call::Describe => {
             let keys = host
@@ -306,11 +324,7 @@ async fn handle(
                 wire::FreezeOutcome::FreezeFailed => FreezeOutcome::FreezeFailed,
                 wire::FreezeOutcome::Aborted => FreezeOutcome::Aborted,
             };
-            match host
-                .post_thaw(&freeze_context(ctx), outcome)
-                .await
-                .pop()
-            {
+            match host.post_thaw(&freeze_context(ctx), outcome).await.pop() {
                 None => Ok(CallReply::Done),
                 Some(e) => Err(failure(e)),
             }

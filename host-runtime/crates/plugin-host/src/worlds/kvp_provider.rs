@@ -108,7 +108,7 @@ pub(crate) fn claims(info: ProviderInfo) -> (Vec<(Pool, String)>, Vec<Pool>) {
 /// `MAX_KEY_LEN` bytes without NUL) and that the manifest grants; of the
 /// subscriptions, the pools it may read. Everything else is dropped with a
 /// warning naming the plugin and the key.
-pub(crate) fn described_keys(
+pub fn described_keys(
     m: &PluginManifest,
     owned: Vec<(Pool, String)>,
     subscribe: Vec<Pool>,
@@ -157,7 +157,7 @@ pub(crate) fn described_keys(
 /// first provider to claim a key keeps it, and a later claim is dropped with
 /// a warning naming both plugins and the key, so the outcome never depends
 /// on the order of the config file or of loading.
-pub(crate) fn assign_owners<'a>(
+pub fn assign_owners<'a>(
     described: impl IntoIterator<Item = &'a ProviderKeys>,
 ) -> Vec<ProviderKeys> {
     let mut owner_of: std::collections::HashMap<&'a OwnedKey, &'a str> =
