@@ -7,7 +7,7 @@
 //! log), each with its own pools, cache and plugin names.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hvisd::config::Config;
@@ -19,10 +19,10 @@ use hvisd_plugin_host::manifest::{Access, DirGrant, KvpGrant, Limits, PluginMani
 use hvisd_protocol::kvp::{Pool, Value};
 use hvisd_protocol::worker::{FreezeContext, Mount};
 
-/// One test at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+/// One test at a time (each test has its own runtime; this lock is runtime-agnostic).
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
 }
 
 fn built(name: &str) -> PathBuf {
@@ -247,7 +247,7 @@ fn fds_of(pid: u32) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sandbox_holds_through_the_worker() {
-    let _serial = serial();
+    let _serial = serial().await;
     let core = Core::start("bad-sandbox", |m| m.limits.call_deadline_ms = 200).await;
     core.assert_loaded().await;
     let bad = "bad-sandbox";
@@ -345,7 +345,7 @@ async fn the_sandbox_holds_through_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_parked_in_a_blocking_wasi_call_is_killed_at_its_deadline() {
-    let _serial = serial();
+    let _serial = serial().await;
     let bad = "bad-blocking";
     let core = Core::start(bad, |m| m.limits.call_deadline_ms = 200).await;
     core.assert_loaded().await;
@@ -377,7 +377,7 @@ async fn a_plugin_parked_in_a_blocking_wasi_call_is_killed_at_its_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_exhausting_descriptors_affects_only_its_worker() {
-    let _serial = serial();
+    let _serial = serial().await;
     let bad = "bad-fds";
     let core = Core::start(bad, |_| {}).await;
     core.assert_loaded().await;
@@ -407,7 +407,7 @@ async fn a_plugin_exhausting_descriptors_affects_only_its_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_spinning_just_under_its_deadline_is_throttled_then_disabled() {
-    let _serial = serial();
+    let _serial = serial().await;
     let bad = "bad-cpu";
     let core = Core::start(bad, |m| {
         m.limits.call_deadline_ms = 60;
@@ -453,7 +453,7 @@ async fn a_plugin_spinning_just_under_its_deadline_is_throttled_then_disabled() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_floods_and_forged_lines_are_bounded_escaped_and_attributed() {
-    let _serial = serial();
+    let _serial = serial().await;
     let bad = "bad-logs";
     let core = Core::start(bad, |m| {
         m.limits.log_lines_per_minute = 30;
@@ -517,7 +517,7 @@ async fn log_floods_and_forged_lines_are_bounded_escaped_and_attributed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_describe_of_aliased_strings_is_bounded_by_hostcall_fuel() {
-    let _serial = serial();
+    let _serial = serial().await;
     let bad = "bad-alias";
     let t = Instant::now();
     let core = Core::start_with(

@@ -9,6 +9,7 @@
 
 use crate::config::Config;
 use crate::offer::{Offer, PipeMode};
+use crate::plugins::Plugins;
 use crate::runtime::run_shm;
 use crate::services::{ServiceKind, Services};
 use crate::transport::shm::ShmRoot;
@@ -18,40 +19,43 @@ use hvisd_ic::host::{IcHost, offers};
 use hvisd_kvp::GuestKeyProvider;
 use hvisd_kvp::bench::{KvpBenchCase, KvpBenchOptions, setup, summarize};
 use hvisd_plugin_host::build::{build_plugins, plugins_workspace};
-use hvisd_plugin_host::{HostServices, MemoryKvpStore, PluginHost, PluginManifest};
 use hvisd_protocol::ic::status::HV_S_CONT;
 use hvisd_protocol::kvp::KvpRequest;
 use hvisd_ring::PacketHeader;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Loads the `bench-keys` test plugin (ten Guest-pool keys; built from `plugins/` for
-/// wasm32-wasip2) in a plugin host of its own and returns it as KVP key providers, so the
-/// "with plugin keys" cases measure real WebAssembly calls through the runtime's call path.
+/// Starts the `bench-keys` test plugin (ten Guest-pool keys; built from `plugins/` for
+/// wasm32-wasip2) in its worker process, as the runtime does, and returns it as KVP key
+/// providers, so the "with plugin keys" cases measure real WebAssembly calls through the worker.
+/// The plugins' own KVP core (their `kvp-store` import) lives in `dir`.
 pub async fn bench_key_plugin(
-    cache_dir: &std::path::Path,
-) -> anyhow::Result<(Arc<PluginHost>, Vec<Arc<dyn GuestKeyProvider>>)> {
+    dir: &std::path::Path,
+) -> anyhow::Result<(Arc<Plugins>, Vec<Arc<dyn GuestKeyProvider>>)> {
     let built = build_plugins(&plugins_workspace(), "release")?;
     let wasm = built
         .get("bench-keys")
         .ok_or_else(|| anyhow::anyhow!("plugin `bench-keys` was not built"))?;
-    let manifest: PluginManifest = toml::from_str(&format!(
-        "name = \"bench-keys\"\npath = '{}'\nworlds = [\"kvp-provider\"]\n[[kvp]]\npool = \"guest\"\nkeys = [\"bench.*\"]\n",
+    let pools = dir.join("pools");
+    std::fs::create_dir_all(&pools)?;
+    let config: Config = toml::from_str(&format!(
+        "[kvp]\npool_dir = '{}'\n[plugins]\ncache_dir = '{}'\n\
+         [[plugin]]\nname = \"bench-keys\"\npath = '{}'\nworlds = [\"kvp-provider\"]\n\
+         [[plugin.kvp]]\npool = \"guest\"\nkeys = [\"bench.*\"]\n",
+        pools.display(),
+        dir.join("cache").display(),
         wasm.display()
     ))?;
-    let host = Arc::new(PluginHost::new(
-        cache_dir,
-        HostServices {
-            kvp: Arc::new(MemoryKvpStore::default()),
-            hvsock: None,
-        },
-    )?);
-    let summary = host.load(&[manifest]).await?;
-    if let Some((name, why)) = summary.refused.first() {
-        anyhow::bail!("plugin {name} refused: {why}");
+    let services = Services::new(config.clone())?;
+    let plugins = Plugins::start(&config, &services)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no plugin configured"))?;
+    let summary = plugins.status().await;
+    if let Some(refused) = summary.iter().find(|s| s.reason.is_some()) {
+        anyhow::bail!("plugin {} refused: {:?}", refused.name, refused.reason);
     }
-    let providers = crate::plugins::providers(&host);
-    Ok((host, providers))
+    let providers = plugins.guest_key_sources();
+    Ok((plugins, providers))
 }
 
 /// Every KVP case: shm, kernel protocol and codec, for each plugin-key count. Plugin keys come from
@@ -60,7 +64,7 @@ pub async fn run_kvp_bench(opts: &KvpBenchOptions) -> anyhow::Result<Vec<KvpBenc
     let cache = tempfile::tempdir()?;
     let mut opts = opts.clone();
     let _host = if opts.providers.is_none() && opts.plugin_key_counts.iter().any(|&n| n > 0) {
-        let (host, providers) = bench_key_plugin(&cache.path().join("cache")).await?;
+        let (host, providers) = bench_key_plugin(cache.path()).await?;
         let owned: usize = providers.iter().map(|p| p.keys().len()).sum();
         opts.plugin_key_counts = opts
             .plugin_key_counts

@@ -4,6 +4,7 @@
 
 pub mod kvp;
 pub mod kvp_ops;
+pub mod plugin;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
@@ -27,14 +28,16 @@ pub enum BenchCommand {
         #[arg(long)]
         placement: Option<String>,
     },
-    /// Plugin call cost, instantiation from the cache, load time of three plugins, RSS (builds the
+    /// Plugins through their worker processes: provider call latency (worker pinned to another
+    /// CPU and to the core's), worker start from the cache, three cached plugins ready, RSS and
+    /// idle CPU of a real daemon and its workers; an in-process call as the baseline (builds the
     /// example plugins for wasm32-wasip2 first).
     Plugin {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Provider calls to time.
-        #[arg(long, default_value_t = 200_000)]
+        /// Provider calls to time per case.
+        #[arg(long, default_value_t = 20_000)]
         calls: u32,
     },
     /// KVP: SET, GET and ENUMERATE on the kernel protocol against Debian's hv_kvp_daemon (both as
@@ -68,7 +71,22 @@ pub fn run(command: BenchCommand) -> Result<()> {
             ring_size,
             placement,
         } => ring(json, repeats, ring_size, placement.as_deref()),
-        BenchCommand::Plugin { json, calls } => runtime()?.block_on(plugin(json, calls)),
+        BenchCommand::Plugin { json, calls } => {
+            if calls == 0 {
+                bail!("--calls must be at least 1");
+            }
+            // One thread for the core's side, pinned by the benchmark.
+            let report = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(plugin::run(calls))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                report.print_human();
+            }
+            Ok(())
+        }
         BenchCommand::Kvp {
             json,
             pool_keys,
@@ -132,37 +150,6 @@ fn ring(json: bool, repeats: u32, ring_size: usize, placement: Option<&str>) -> 
         ..Default::default()
     };
     let report = run_ring_bench(&opts)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        report.print_human();
-    }
-    Ok(())
-}
-
-async fn plugin(json: bool, calls: u32) -> Result<()> {
-    use hvisd_plugin_host::bench::{BenchConfig, run_plugin_bench};
-    use hvisd_plugin_host::build::{build_plugins, plugins_workspace};
-    if calls == 0 {
-        bail!("--calls must be at least 1");
-    }
-    let built = build_plugins(&plugins_workspace(), "release")?;
-    let pick = |n: &str| {
-        built
-            .get(n)
-            .cloned()
-            .with_context(|| format!("plugin `{n}` was not built"))
-    };
-    let cache = tempfile::tempdir()?;
-    let config = BenchConfig {
-        provider_wasm: pick("app-version")?,
-        hook_wasm: pick("flush-hold")?,
-        hvsock_wasm: pick("status-echo")?,
-        cache_dir: cache.path().join("cache"),
-        provider_calls: calls,
-        instantiations: 200,
-    };
-    let report = run_plugin_bench(&config).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -523,6 +523,27 @@ impl GuestKeyProvider for ProviderKeysSource {
     }
 }
 
+/// The Guest-pool key sources of `set`'s providers, each key given to one provider.
+fn key_sources(set: &PluginSet) -> Vec<Arc<dyn GuestKeyProvider>> {
+    let providers: Vec<Arc<Slot>> = set.ordered(World::KvpProvider);
+    let owned = assign_owners(providers.iter().map(|s| &s.keys));
+    providers
+        .iter()
+        .zip(owned)
+        .map(|(slot, keys)| {
+            Arc::new(ProviderKeysSource {
+                slot: slot.clone(),
+                keys: keys
+                    .keys
+                    .into_iter()
+                    .filter(|k| k.pool == Pool::Guest)
+                    .map(|k| k.key)
+                    .collect(),
+            }) as Arc<dyn GuestKeyProvider>
+        })
+        .collect()
+}
+
 /// A reload prepared beside the running plugins (see [`Plugins::apply`]).
 struct Prepared {
     set: PluginSet,
@@ -614,24 +635,7 @@ impl Plugins {
     /// nothing. Plugins whose manifest and component did not change keep their worker.
     pub async fn apply(&self, config: &Config) -> Result<LoadSummary, PluginSetupError> {
         let prepared = self.prepare(config).await?;
-        let providers: Vec<Arc<Slot>> = prepared.set.ordered(World::KvpProvider);
-        let owned = assign_owners(providers.iter().map(|s| &s.keys));
-        let sources: Vec<Arc<dyn GuestKeyProvider>> = providers
-            .iter()
-            .zip(owned)
-            .map(|(slot, keys)| {
-                Arc::new(ProviderKeysSource {
-                    slot: slot.clone(),
-                    keys: keys
-                        .keys
-                        .into_iter()
-                        .filter(|k| k.pool == Pool::Guest)
-                        .map(|k| k.key)
-                        .collect(),
-                }) as Arc<dyn GuestKeyProvider>
-            })
-            .collect();
-        let keys = GuestKeys::new(sources, config.kvp.guest_key_options());
+        let keys = GuestKeys::new(key_sources(&prepared.set), config.kvp.guest_key_options());
         let summary = LoadSummary {
             loaded: prepared.set.slots.keys().cloned().collect(),
             refused: prepared
@@ -808,6 +812,12 @@ impl Plugins {
                 }
             }
         });
+    }
+
+    /// The loaded providers as Guest-pool key sources (what [`Plugins::apply`] installs in the
+    /// KVP service), for benchmarks and embedders that serve them from another KVP core.
+    pub fn guest_key_sources(&self) -> Vec<Arc<dyn GuestKeyProvider>> {
+        key_sources(&self.current())
     }
 
     /// Tells every provider subscribed to `pool` (and granted the key) that the host set `key`.

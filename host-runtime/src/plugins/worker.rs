@@ -13,19 +13,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hvisd_plugin_host::worker::link::{self, FrameReader, FrameWriter};
 use hvisd_plugin_host::{CheckedKvp, KvpError, KvpStore, PluginManifest};
 use hvisd_protocol::text::{Escaped, LogBudget, suppressed_note};
 use hvisd_protocol::worker::{
     self as wire, Call, CallFailure, CallReply, DirFd, ErrorKind, Import, ImportReply, Init,
     LogLevel, PROTOCOL_VERSION, PluginError, ToCore, ToWorker,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// How long a worker may take to confine itself and load its component.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
-/// Frames queued to one worker.
-const OUTBOX_DEPTH: usize = 256;
 /// Calls in flight to one worker; more wait (bounded by their own deadlines).
 const MAX_IN_FLIGHT: usize = 64;
 
@@ -77,7 +76,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<CallReply, CallFail
 pub struct Worker {
     plugin: Arc<str>,
     pid: u32,
-    outbox: mpsc::Sender<Vec<u8>>,
+    outbox: Arc<FrameWriter>,
     pending: Pending,
     next_id: AtomicU64,
     in_flight: tokio::sync::Semaphore,
@@ -162,13 +161,9 @@ impl Worker {
         // so the control socket reports the worker's exit as end of file.
         drop(cmd);
         let pid = child.id().unwrap_or(0);
-        let stream = std::os::unix::net::UnixStream::from(core_end);
-        stream
-            .set_nonblocking(true)
-            .map_err(|e| WorkerError::Spawn(e.to_string()))?;
-        let stream = tokio::net::UnixStream::from_std(stream)
-            .map_err(|e| WorkerError::Spawn(e.to_string()))?;
-        let (reader, mut writer) = stream.into_split();
+        let (reader, writer) = link::split(core_end)
+            .map_err(|e| WorkerError::Spawn(format!("control socket: {e}")))?;
+        let outbox = Arc::new(writer);
 
         // The process: reaped by its own task, killed on request (only while not yet reaped, so
         // a recycled pid is never signalled).
@@ -207,19 +202,11 @@ impl Worker {
             require_landlock: spec.require_landlock,
             escape_test: spec.escape_test,
         });
-        writer
-            .write_all(&wire::encode_to_worker(&init))
+        outbox
+            .send(&wire::encode_to_worker(&init))
             .await
             .map_err(|e| WorkerError::Spawn(format!("sending Init: {e}")))?;
 
-        let (outbox, mut outgoing) = mpsc::channel::<Vec<u8>>(OUTBOX_DEPTH);
-        tokio::spawn(async move {
-            while let Some(frame) = outgoing.recv().await {
-                if writer.write_all(&frame).await.is_err() {
-                    break;
-                }
-            }
-        });
         let pending = Pending::default();
         let (started_tx, started_rx) = oneshot::channel();
         tokio::spawn(serve_worker(
@@ -345,7 +332,7 @@ impl Worker {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id, tx);
             self.outbox
-                .send(wire::encode_to_worker(&ToWorker::Call { id, call }))
+                .send(&wire::encode_to_worker(&ToWorker::Call { id, call }))
                 .await
                 .map_err(|_| WorkerError::Gone("its control socket is closed".into()))?;
             tokio::select! {
@@ -377,10 +364,12 @@ impl Worker {
 
     /// Asks the worker to finish and exit; kills it if it has not within `grace`.
     pub async fn shutdown(&self, grace: Duration) {
-        let _ = self
-            .outbox
-            .send(wire::encode_to_worker(&ToWorker::Shutdown))
-            .await;
+        let _ = tokio::time::timeout(
+            grace,
+            self.outbox
+                .send(&wire::encode_to_worker(&ToWorker::Shutdown)),
+        )
+        .await;
         let mut gone = self.gone.clone();
         if tokio::time::timeout(grace, gone.wait_for(|g| g.is_some()))
             .await
@@ -418,26 +407,19 @@ fn describe_failure(f: &CallFailure) -> String {
     }
 }
 
-async fn read_frame(reader: &mut tokio::net::unix::OwnedReadHalf) -> Result<ToCore, String> {
-    let mut header = [0u8; wire::FRAME_HEADER];
-    reader
-        .read_exact(&mut header)
-        .await
-        .map_err(|e| e.to_string())?;
-    let len = wire::frame_len(header).map_err(|e| e.to_string())?;
-    let mut payload = vec![0u8; len];
-    reader
-        .read_exact(&mut payload)
-        .await
-        .map_err(|e| e.to_string())?;
-    wire::decode_to_core(&payload).map_err(|e| e.to_string())
+async fn read_frame(reader: &mut FrameReader) -> Result<ToCore, String> {
+    match reader.next().await {
+        Ok(Some(payload)) => wire::decode_to_core(&payload).map_err(|e| e.to_string()),
+        Ok(None) => Err("closed".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Reads the worker's frames until it ends or breaks the protocol (then it is killed).
 async fn serve_worker(
     manifest: PluginManifest,
-    mut reader: tokio::net::unix::OwnedReadHalf,
-    outbox: mpsc::Sender<Vec<u8>>,
+    mut reader: FrameReader,
+    outbox: Arc<FrameWriter>,
     pending: Pending,
     kvp: Arc<dyn KvpStore>,
     kill: mpsc::Sender<()>,
@@ -476,7 +458,10 @@ async fn serve_worker(
                 tokio::spawn(async move {
                     let reply = serve_import(&manifest, &*kvp, import).await;
                     let _ = outbox
-                        .send(wire::encode_to_worker(&ToWorker::ImportReply { id, reply }))
+                        .send(&wire::encode_to_worker(&ToWorker::ImportReply {
+                            id,
+                            reply,
+                        }))
                         .await;
                     drop(permit);
                 });
@@ -647,25 +632,30 @@ mod tests {
 
     /// The core's side of a worker connection, with the test playing the worker.
     struct Harness {
-        worker: tokio::net::UnixStream,
-        outgoing: mpsc::Receiver<Vec<u8>>,
+        worker: FrameWriter,
+        from_core: FrameReader,
         kill: mpsc::Receiver<()>,
         pending: Pending,
         started: oneshot::Receiver<Startup>,
     }
 
     fn harness() -> Harness {
-        let (core, worker) = tokio::net::UnixStream::pair().unwrap();
-        let (reader, _writer) = core.into_split();
-        std::mem::forget(_writer);
-        let (outbox, outgoing) = mpsc::channel(16);
+        let (core, worker) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let (reader, writer) = link::split(core).unwrap();
+        let (from_core, worker) = link::split(worker).unwrap();
         let (kill_tx, kill) = mpsc::channel(1);
         let pending = Pending::default();
         let (started_tx, started) = oneshot::channel();
         tokio::spawn(serve_worker(
             manifest(),
             reader,
-            outbox,
+            Arc::new(writer),
             pending.clone(),
             Arc::new(MemoryKvpStore::default()),
             kill_tx,
@@ -673,7 +663,7 @@ mod tests {
         ));
         Harness {
             worker,
-            outgoing,
+            from_core,
             kill,
             pending,
             started,
@@ -690,7 +680,7 @@ mod tests {
     async fn a_frame_that_does_not_decode_ends_the_worker() {
         let mut h = harness();
         h.worker
-            .write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff])
+            .send(&[3, 0, 0, 0, 0xff, 0xff, 0xff])
             .await
             .unwrap();
         assert!(killed(&mut h).await);
@@ -701,7 +691,7 @@ mod tests {
     #[tokio::test]
     async fn an_oversized_frame_is_refused_before_anything_is_allocated() {
         let mut h = harness();
-        h.worker.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+        h.worker.send(&u32::MAX.to_le_bytes()).await.unwrap();
         assert!(killed(&mut h).await);
     }
 
@@ -712,10 +702,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             confinement: "x\u{1b}[31m\nforged".into(),
         };
-        h.worker
-            .write_all(&wire::encode_to_core(&ready))
-            .await
-            .unwrap();
+        h.worker.send(&wire::encode_to_core(&ready)).await.unwrap();
         match (&mut h.started).await.unwrap() {
             Startup::Ready(c) => assert!(!c.contains('\u{1b}') && !c.contains('\n'), "{c}"),
             _ => panic!("expected Ready"),
@@ -724,20 +711,14 @@ mod tests {
             id: 999,
             reply: Ok(CallReply::Done),
         };
-        h.worker
-            .write_all(&wire::encode_to_core(&stray))
-            .await
-            .unwrap();
+        h.worker.send(&wire::encode_to_core(&stray)).await.unwrap();
         assert!(
             tokio::time::timeout(Duration::from_millis(200), h.kill.recv())
                 .await
                 .is_err(),
             "a stray reply is not a reason to kill"
         );
-        h.worker
-            .write_all(&wire::encode_to_core(&ready))
-            .await
-            .unwrap();
+        h.worker.send(&wire::encode_to_core(&ready)).await.unwrap();
         assert!(killed(&mut h).await);
         assert!(h.pending.lock().unwrap().is_empty());
     }
@@ -754,20 +735,21 @@ mod tests {
             },
         };
         h.worker
-            .write_all(&wire::encode_to_core(&set("stolen", 1)))
+            .send(&wire::encode_to_core(&set("stolen", 1)))
             .await
             .unwrap();
         h.worker
-            .write_all(&wire::encode_to_core(&set("mine.ok", 2)))
+            .send(&wire::encode_to_core(&set("mine.ok", 2)))
             .await
             .unwrap();
         let mut replies = std::collections::BTreeMap::new();
         for _ in 0..2 {
-            let frame = tokio::time::timeout(Duration::from_secs(5), h.outgoing.recv())
+            let payload = tokio::time::timeout(Duration::from_secs(5), h.from_core.next())
                 .await
                 .unwrap()
+                .unwrap()
                 .unwrap();
-            match wire::decode_to_worker(&frame[wire::FRAME_HEADER..]).unwrap() {
+            match wire::decode_to_worker(&payload).unwrap() {
                 ToWorker::ImportReply { id, reply } => {
                     replies.insert(id, reply);
                 }

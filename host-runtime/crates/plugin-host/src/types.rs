@@ -115,41 +115,6 @@ impl KvpStore for MemoryKvpStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn memory_store_keeps_pools_apart() {
-        let s = MemoryKvpStore::default();
-        let k = || "k".to_string();
-        s.set(Pool::Guest, k(), Value::U32(1)).await.expect("set");
-        s.set(Pool::External, k(), Value::Text("x".into()))
-            .await
-            .expect("set");
-        assert_eq!(
-            s.get(Pool::Guest, k()).await.expect("get"),
-            Some(Value::U32(1))
-        );
-        assert_eq!(s.list(Pool::External).await.expect("list"), vec![k()]);
-        assert!(s.delete(Pool::Guest, k()).await.expect("delete"));
-        assert!(!s.delete(Pool::Guest, k()).await.expect("delete"));
-        assert_eq!(s.get(Pool::Guest, k()).await.expect("get"), None);
-    }
-
-    #[test]
-    fn keys_are_1_to_511_bytes_without_nul() {
-        assert_eq!(key_problem("k"), None);
-        assert_eq!(key_problem(&"k".repeat(MAX_KEY_LEN)), None);
-        assert_eq!(
-            key_problem(&"k".repeat(MAX_KEY_LEN + 1)).as_deref(),
-            Some("is 512 bytes, limit 511")
-        );
-        assert_eq!(key_problem("").as_deref(), Some("is empty"));
-        assert_eq!(key_problem("a\0b").as_deref(), Some("contains NUL"));
-    }
-}
-
 /// The `kvp-store` operations of one plugin, each checked against its manifest (pool, key pattern,
 /// read or read-write access) and the key and value limits before `store` is called. The one
 /// place these checks live: the in-process import and the core's answer to a worker's import
@@ -230,5 +195,40 @@ impl CheckedKvp<'_> {
             .into_iter()
             .filter(|k| k.starts_with(prefix) && m.kvp_access(pool, k).is_some())
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_store_keeps_pools_apart() {
+        let s = MemoryKvpStore::default();
+        let k = || "k".to_string();
+        s.set(Pool::Guest, k(), Value::U32(1)).await.expect("set");
+        s.set(Pool::External, k(), Value::Text("x".into()))
+            .await
+            .expect("set");
+        assert_eq!(
+            s.get(Pool::Guest, k()).await.expect("get"),
+            Some(Value::U32(1))
+        );
+        assert_eq!(s.list(Pool::External).await.expect("list"), vec![k()]);
+        assert!(s.delete(Pool::Guest, k()).await.expect("delete"));
+        assert!(!s.delete(Pool::Guest, k()).await.expect("delete"));
+        assert_eq!(s.get(Pool::Guest, k()).await.expect("get"), None);
+    }
+
+    #[test]
+    fn keys_are_1_to_511_bytes_without_nul() {
+        assert_eq!(key_problem("k"), None);
+        assert_eq!(key_problem(&"k".repeat(MAX_KEY_LEN)), None);
+        assert_eq!(
+            key_problem(&"k".repeat(MAX_KEY_LEN + 1)).as_deref(),
+            Some("is 512 bytes, limit 511")
+        );
+        assert_eq!(key_problem("").as_deref(), Some("is empty"));
+        assert_eq!(key_problem("a\0b").as_deref(), Some("contains NUL"));
     }
 }

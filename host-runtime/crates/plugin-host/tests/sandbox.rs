@@ -91,8 +91,8 @@ async fn infinite_loop_is_stopped_at_the_call_deadline_and_the_neighbour_keeps_a
 async fn the_epoch_stands_still_while_idle_and_a_spinning_call_is_still_stopped_at_its_deadline() {
     let scratch = Scratch::new();
     let host = setup(&scratch).await;
-    // The tick that was asleep when the load ended may still come.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The ticker lingers for 100 ticks after the load's last call, then parks.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let idle = host.epoch_ticks();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
@@ -123,7 +123,7 @@ async fn the_epoch_stands_still_while_idle_and_a_spinning_call_is_still_stopped_
         "{}",
         host.epoch_ticks() - idle
     );
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let after = host.epoch_ticks();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(

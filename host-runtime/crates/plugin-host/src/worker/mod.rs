@@ -19,6 +19,7 @@ mod confine;
 #[cfg(debug_assertions)]
 mod escape;
 mod imports;
+pub mod link;
 mod logs;
 
 use std::collections::HashMap;
@@ -31,7 +32,6 @@ use hvisd_protocol::worker::{
     self as wire, Call, CallFailure, CallReply, ErrorKind, Init, PROTOCOL_VERSION, PluginError,
     ToCore, ToWorker,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::lifecycle::{HostServices, PluginHost};
@@ -155,20 +155,22 @@ async fn serve(
     manifest: PluginManifest,
     confinement: String,
 ) -> Result<(), WorkerError> {
-    stream
-        .set_nonblocking(true)
-        .map_err(|e| WorkerError::Control(e.to_string()))?;
-    let stream = tokio::net::UnixStream::from_std(stream)
-        .map_err(|e| WorkerError::Control(e.to_string()))?;
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, writer) =
+        link::split(OwnedFd::from(stream)).map_err(|e| WorkerError::Control(e.to_string()))?;
+    let writer = Arc::new(writer);
+    // Log lines and imports queue here (a log line is written from code that cannot wait);
+    // replies, the hot path, go straight to the socket.
     let (outbox, mut outgoing) = mpsc::channel::<Vec<u8>>(OUTBOX_DEPTH);
-    let writer_task = tokio::spawn(async move {
-        while let Some(frame) = outgoing.recv().await {
-            if writer.write_all(&frame).await.is_err() {
-                break;
+    let writer_task = {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = outgoing.recv().await {
+                if writer.send(&frame).await.is_err() {
+                    break;
+                }
             }
-        }
-    });
+        })
+    };
     logs::install(outbox.clone());
     let pending: imports::Pending = Arc::new(Mutex::new(HashMap::new()));
     let host = match PluginHost::for_worker(HostServices {
@@ -185,27 +187,16 @@ async fn serve(
     // `describe` reading its settings), whose replies must get through.
     let plugin = manifest.name.clone();
     let reader_task = {
-        let (host, outbox, pending) = (host.clone(), outbox.clone(), pending.clone());
+        let (host, writer, pending) = (host.clone(), writer.clone(), pending.clone());
         tokio::spawn(async move {
-            loop {
-                let mut header = [0u8; wire::FRAME_HEADER];
-                if reader.read_exact(&mut header).await.is_err() {
-                    break;
-                }
-                let Ok(len) = wire::frame_len(header) else {
-                    break;
-                };
-                let mut payload = vec![0u8; len];
-                if reader.read_exact(&mut payload).await.is_err() {
-                    break;
-                }
+            while let Ok(Some(payload)) = reader.next().await {
                 match wire::decode_to_worker(&payload) {
                     Ok(ToWorker::Call { id, call }) => {
-                        let (host, outbox, plugin) = (host.clone(), outbox.clone(), plugin.clone());
+                        let (host, writer, plugin) = (host.clone(), writer.clone(), plugin.clone());
                         tokio::spawn(async move {
                             let reply = handle(&host, &plugin, call).await;
-                            let _ = outbox
-                                .send(wire::encode_to_core(&ToCore::Reply { id, reply }))
+                            let _ = writer
+                                .send(&wire::encode_to_core(&ToCore::Reply { id, reply }))
                                 .await;
                         });
                     }
