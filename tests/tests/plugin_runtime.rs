@@ -188,3 +188,97 @@ fn plugin_check_reports_worlds_and_refuses_a_component_that_imports_sockets() {
         "{text}"
     );
 }
+
+/// Thread names of process `pid`.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|n| n.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The processes whose parent is `pid`, with their command lines.
+fn children(pid: u32) -> Vec<(u32, String)> {
+    let mut v = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            v.push((child, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+        }
+    }
+    v
+}
+
+#[test]
+fn sighup_adds_plugins_to_a_daemon_started_with_none_and_they_run_in_workers() {
+    let built = built();
+    let data = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let head = format!(
+        "[kvp]\npool_dir = '{}'\nplugin_key_cache_ms = 1\n[plugins]\ncache_dir = '{}'\n",
+        data.path().join("pools").display(),
+        data.path().join("cache").display()
+    );
+    let config = data.path().join("hvisd.toml");
+    std::fs::write(&config, &head).unwrap();
+    let guest = GuestProcess::start_shm_with_config(root.path(), &config);
+    assert!(
+        !guest_keys(root.path())
+            .iter()
+            .any(|k| k.starts_with("bench.")),
+        "no plugin yet"
+    );
+    assert!(children(guest.process.pid()).is_empty());
+
+    std::fs::write(
+        &config,
+        format!("{head}{}", bench_keys_entry(&built["bench-keys"])),
+    )
+    .unwrap();
+    let pid = rustix::process::Pid::from_raw(guest.process.pid() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    guest.process.wait_for_log("plugin loaded", TIMEOUT);
+    let keys = guest_keys(root.path());
+    assert_eq!(
+        keys.iter().filter(|k| k.starts_with("bench.")).count(),
+        10,
+        "{keys:?}"
+    );
+
+    // The plugin runs in a worker process of its own; the daemon runs no WebAssembly (it has no
+    // epoch ticker thread, which every process that runs plugin code has).
+    let workers: Vec<(u32, String)> = children(guest.process.pid())
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("plugin-worker"))
+        .collect();
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    assert!(
+        thread_names(workers[0].0)
+            .iter()
+            .any(|n| n == "hvisd-epoch"),
+        "{:?}",
+        thread_names(workers[0].0)
+    );
+    assert!(
+        !thread_names(guest.process.pid())
+            .iter()
+            .any(|n| n == "hvisd-epoch"),
+        "{:?}",
+        thread_names(guest.process.pid())
+    );
+}
