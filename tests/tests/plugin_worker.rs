@@ -17,12 +17,21 @@ use hvisd_e2e::hvisd_bin;
 use hvisd_plugin_host::build::{build_plugins, plugins_workspace};
 use hvisd_plugin_host::manifest::{Access, DirGrant, KvpGrant, Limits, PluginManifest, World};
 use hvisd_protocol::kvp::{Pool, Value};
-use hvisd_protocol::worker::{FreezeContext, Mount};
+use hvisd_protocol::worker::Mount;
 
 /// One test at a time (each test has its own runtime; this lock is runtime-agnostic).
 async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     SERIAL.lock().await
+}
+
+/// One component cache for every test of this file: each component is compiled once.
+fn shared_cache() -> PathBuf {
+    static CACHE: OnceLock<tempfile::TempDir> = OnceLock::new();
+    CACHE
+        .get_or_init(|| tempfile::tempdir().expect("cache dir"))
+        .path()
+        .join("cache")
 }
 
 fn built(name: &str) -> PathBuf {
@@ -172,7 +181,7 @@ impl Core {
 
         let mut config = Config::default();
         config.kvp.pool_dir = pools;
-        config.plugins.cache_dir = dir.path().join("cache");
+        config.plugins.cache_dir = shared_cache();
         config.plugin = vec![good, bad_m];
         let services = Services::new(config.clone()).expect("services");
         before(&services);
@@ -322,14 +331,12 @@ async fn the_sandbox_holds_through_the_worker() {
         t.elapsed()
     );
 
-    // A spinning pre-freeze hook is impossible here (the bad plugin is a provider only), but
-    // the freeze entry points answer without plugins of those worlds.
-    let ctx = FreezeContext {
-        backup_id: "b".into(),
-        mounts: vec!["/".into()],
-        time_left_ms: 1000,
-    };
-    assert_eq!(core.plugins.pre_freeze(&ctx).await, Ok(()));
+    // The freeze entry points answer without plugins of those worlds.
+    let round = core
+        .plugins
+        .pre_freeze("b", &["/".into()], Duration::from_secs(1))
+        .await;
+    assert!(round.veto.is_none() && round.hooks.is_empty(), "{round:?}");
     assert!(
         core.plugins
             .freeze_plan(&[Mount {
@@ -540,4 +547,121 @@ async fn a_describe_of_aliased_strings_is_bounded_by_hostcall_fuel() {
     assert!(why.contains("fuel"), "{why}");
     core.neighbour_answers().await;
     core.plugins.shutdown().await;
+}
+
+/// A core with freeze hooks only: `misbehave` components named `names`, with the priorities
+/// given, each granted `misbehave.*` in the Guest pool.
+async fn hook_core(hooks: &[(&str, i32)]) -> (Arc<Plugins>, Services, tempfile::TempDir) {
+    hvisd::plugins::worker::set_worker_binary(hvisd_bin());
+    log();
+    let dir = tempfile::tempdir().unwrap();
+    let pools = dir.path().join("pools");
+    std::fs::create_dir_all(&pools).unwrap();
+    let mut config = Config::default();
+    config.kvp.pool_dir = pools;
+    config.plugins.cache_dir = shared_cache();
+    config.plugin = hooks
+        .iter()
+        .map(|&(name, priority)| {
+            let mut m = manifest(name, "misbehave", &["misbehave.*"]);
+            m.worlds = vec![World::FreezeHook];
+            m.priority = priority;
+            m.limits.call_deadline_ms = 1000;
+            m.limits.max_consecutive_traps = 100;
+            m
+        })
+        .collect();
+    let services = Services::new(config.clone()).unwrap();
+    let plugins = Plugins::start(&config, &services).await.unwrap().unwrap();
+    for s in plugins.status().await {
+        assert_ne!(s.state, PluginState::Refused, "{s:?}");
+    }
+    (plugins, services, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_hooks_of_equal_priority_run_in_parallel_and_groups_in_order() {
+    let _serial = serial().await;
+    let (plugins, _services, _dir) =
+        hook_core(&[("hook-a", 10), ("hook-b", 10), ("hook-c", 20)]).await;
+    let mounts = vec!["/mnt/a".to_owned()];
+    // Warm the workers' instances.
+    let _ = plugins
+        .pre_freeze("warm", &mounts, Duration::from_secs(5))
+        .await;
+    let t = Instant::now();
+    let round = plugins
+        .pre_freeze("sleep-300", &mounts, Duration::from_secs(5))
+        .await;
+    let took = t.elapsed();
+    assert!(round.veto.is_none(), "{round:?}");
+    let names: Vec<&str> = round.hooks.iter().map(|h| h.plugin.as_str()).collect();
+    assert_eq!(names, ["hook-a", "hook-b", "hook-c"]);
+    // a and b together (300 ms), then c (300 ms): about 600 ms, never 900.
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_millis(850),
+        "{took:?} {round:?}"
+    );
+    for h in &round.hooks {
+        assert!(h.elapsed_us >= 300_000, "{h:?}");
+    }
+    plugins.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_keeps_state_to_its_post_thaw_and_a_spinning_hook_vetoes_within_budget() {
+    let _serial = serial().await;
+    let (plugins, services, _dir) = hook_core(&[("hook-a", 10), ("hook-late", 20)]).await;
+    let store = services.kvp_core().unwrap().store();
+    let mounts = vec!["/mnt/a".to_owned()];
+
+    let round = plugins
+        .pre_freeze("b1", &mounts, Duration::from_secs(5))
+        .await;
+    assert!(round.veto.is_none(), "{round:?}");
+    let thawed = plugins
+        .post_thaw(
+            "b1",
+            &mounts,
+            hvisd_protocol::worker::FreezeOutcome::Thawed,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(thawed.iter().all(|h| h.error.is_none()), "{thawed:?}");
+    // Both hooks wrote the key; the last (reverse priority order: hook-a) wins.
+    assert_eq!(
+        store
+            .get(Pool::Guest, "misbehave.thawed".into())
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("b1 Thawed pre-freeze-saw=b1")
+    );
+
+    // A spinning hook is a veto at its deadline, within the round's budget; the later group
+    // does not run; post-thaw still runs for every hook (the spinner's worker was replaced).
+    let t = Instant::now();
+    let round = plugins
+        .pre_freeze("spin", &mounts, Duration::from_millis(400))
+        .await;
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        t.elapsed()
+    );
+    let (who, why) = round.veto.clone().expect("a veto");
+    assert_eq!(who, "hook-a");
+    assert!(why.contains("deadline"), "{why}");
+    assert_eq!(round.hooks.len(), 1, "{round:?}");
+    let thawed = plugins
+        .post_thaw(
+            "after-spin",
+            &mounts,
+            hvisd_protocol::worker::FreezeOutcome::Vetoed,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(thawed.len(), 2);
+    assert!(thawed.iter().all(|h| h.error.is_none()), "{thawed:?}");
+    plugins.shutdown().await;
 }

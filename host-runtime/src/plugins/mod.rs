@@ -202,6 +202,18 @@ struct PluginSet {
 }
 
 impl PluginSet {
+    /// The freeze hooks in groups of equal priority, groups in priority order.
+    fn hook_groups(&self) -> Vec<Vec<Arc<Slot>>> {
+        let mut groups: Vec<Vec<Arc<Slot>>> = Vec::new();
+        for slot in self.ordered(World::FreezeHook) {
+            match groups.last_mut() {
+                Some(g) if g[0].manifest.priority == slot.manifest.priority => g.push(slot),
+                _ => groups.push(vec![slot]),
+            }
+        }
+        groups
+    }
+
     /// The loaded plugins claiming `world`, in hook order (priority, then name).
     fn ordered(&self, world: World) -> Vec<Arc<Slot>> {
         let mut v: Vec<Arc<Slot>> = self
@@ -521,6 +533,66 @@ impl GuestKeyProvider for ProviderKeysSource {
             }
         })
     }
+}
+
+/// One hook's part in a pre-freeze or post-thaw round.
+#[derive(Clone, Debug, Serialize)]
+pub struct HookReport {
+    /// The plugin.
+    pub plugin: String,
+    /// Its priority (lower runs earlier before the freeze, later after the thaw).
+    pub priority: i32,
+    /// How long its call took, microseconds.
+    pub elapsed_us: u64,
+    /// `None` if it agreed (or, after a thaw, ran); else `veto: REASON` or `failed: WHY`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The result of a pre-freeze round.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HookRound {
+    /// The hook that vetoed (or failed) and why; `None`: go ahead.
+    pub veto: Option<(String, String)>,
+    /// Every hook that ran, in the order of their groups.
+    pub hooks: Vec<HookReport>,
+}
+
+/// Runs `call` on every hook of one priority group in parallel, each with its manifest's
+/// deadline cut to `end`, and reports them sorted by name.
+async fn run_group<F, Fut>(group: Vec<Arc<Slot>>, end: Instant, call: F) -> Vec<HookReport>
+where
+    F: Fn(Arc<Slot>, Duration) -> Fut,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for slot in group {
+        let deadline = slot
+            .call_deadline()
+            .min(end.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(1));
+        let (name, priority) = (slot.name().to_owned(), slot.manifest.priority);
+        let fut = call(slot, deadline);
+        set.spawn(async move {
+            let t = Instant::now();
+            let result = fut.await;
+            HookReport {
+                plugin: name,
+                priority,
+                elapsed_us: t.elapsed().as_micros() as u64,
+                error: result.err(),
+            }
+        });
+    }
+    let mut reports = Vec::new();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(report) => reports.push(report),
+            Err(e) => tracing::error!("a freeze hook task failed: {e}"),
+        }
+    }
+    reports.sort_by(|a, b| a.plugin.cmp(&b.plugin));
+    reports
 }
 
 /// The Guest-pool key sources of `set`'s providers, each key given to one provider.
@@ -863,41 +935,84 @@ impl Plugins {
         }
     }
 
-    /// Runs every freeze hook's `pre-freeze` in priority order; the first veto (or failure)
-    /// stops the round: `Err((plugin, reason))`.
-    pub async fn pre_freeze(&self, ctx: &FreezeContext) -> Result<(), (String, String)> {
-        for slot in self.current().ordered(World::FreezeHook) {
-            let deadline = slot
-                .call_deadline()
-                .min(Duration::from_millis(ctx.time_left_ms).max(Duration::from_millis(1)));
-            let reason = match slot.call(Call::PreFreeze(ctx.clone()), deadline).await {
-                Ok(CallReply::PreFreeze(Ok(()))) => continue,
-                Ok(CallReply::PreFreeze(Err(reason))) => {
-                    Escaped::with_max(&reason, 1024).to_string()
+    /// Runs every freeze hook's `pre-freeze`: groups of equal priority in priority order, the
+    /// hooks of a group in parallel, each with its own deadline (its manifest's, cut to what is
+    /// left of `budget`). A veto or a failure stops the round after its group: the result names
+    /// the first (by name) hook that vetoed. Every hook that ran is reported.
+    pub async fn pre_freeze(
+        &self,
+        backup_id: &str,
+        mounts: &[String],
+        budget: Duration,
+    ) -> HookRound {
+        let end = Instant::now() + budget;
+        let mut reports = Vec::new();
+        for group in self.current().hook_groups() {
+            let round = run_group(group, end, |slot, deadline| {
+                let ctx = FreezeContext {
+                    backup_id: backup_id.to_owned(),
+                    mounts: mounts.to_vec(),
+                    time_left_ms: deadline.as_millis() as u64,
+                };
+                async move {
+                    match slot.call(Call::PreFreeze(ctx), deadline).await {
+                        Ok(CallReply::PreFreeze(Ok(()))) => Ok(()),
+                        Ok(CallReply::PreFreeze(Err(reason))) => {
+                            Err(format!("veto: {}", Escaped::with_max(&reason, 1024)))
+                        }
+                        Ok(other) => Err(format!("failed: answered {other:?}")),
+                        Err(e) => Err(format!("failed: {e}")),
+                    }
                 }
-                Ok(other) => format!("answered {other:?}"),
-                Err(e) => format!("hook failed: {e}"),
-            };
-            tracing::warn!(plugin = slot.name(), backup = %Escaped::new(&ctx.backup_id), "pre-freeze veto: {reason}");
-            return Err((slot.name().to_owned(), reason));
-        }
-        Ok(())
-    }
-
-    /// Runs every freeze hook's `post-thaw` in reverse priority order; every hook runs whatever
-    /// the others do. Returns the failures.
-    pub async fn post_thaw(&self, ctx: &FreezeContext, outcome: FreezeOutcome) -> Vec<String> {
-        let mut errors = Vec::new();
-        for slot in self.current().ordered(World::FreezeHook).into_iter().rev() {
-            let deadline = slot.call_deadline();
-            if let Err(e) = slot
-                .call(Call::PostThaw(ctx.clone(), outcome), deadline)
-                .await
-            {
-                errors.push(e);
+            })
+            .await;
+            let vetoed = round.iter().find(|r| r.error.is_some()).cloned();
+            reports.extend(round);
+            if let Some(v) = vetoed {
+                tracing::warn!(plugin = %v.plugin, backup = %Escaped::new(backup_id), "pre-freeze {}", v.error.as_deref().unwrap_or_default());
+                return HookRound {
+                    veto: Some((v.plugin, v.error.unwrap_or_default())),
+                    hooks: reports,
+                };
             }
         }
-        errors
+        HookRound {
+            veto: None,
+            hooks: reports,
+        }
+    }
+
+    /// Runs every freeze hook's `post-thaw` with the outcome: groups in reverse priority order,
+    /// the hooks of a group in parallel, each with its own deadline within `budget`; every hook
+    /// runs whatever the others do (a hook whose `pre-freeze` did not run is told too).
+    pub async fn post_thaw(
+        &self,
+        backup_id: &str,
+        mounts: &[String],
+        outcome: FreezeOutcome,
+        budget: Duration,
+    ) -> Vec<HookReport> {
+        let end = Instant::now() + budget;
+        let mut reports = Vec::new();
+        for group in self.current().hook_groups().into_iter().rev() {
+            reports.extend(
+                run_group(group, end, |slot, deadline| {
+                    let ctx = FreezeContext {
+                        backup_id: backup_id.to_owned(),
+                        mounts: mounts.to_vec(),
+                        time_left_ms: deadline.as_millis() as u64,
+                    };
+                    async move {
+                        match slot.call(Call::PostThaw(ctx, outcome), deadline).await {
+                            Ok(_) => Ok(()),
+                            Err(e) => Err(format!("failed: {e}")),
+                        }
+                    }
+                })
+                .await,
+            );
+        }
+        reports
     }
 
     /// Asks the freeze policy (the policy plugin with the lowest priority) what to freeze:

@@ -83,6 +83,8 @@ pub struct Worker {
     /// `Some(reason)` once the process has ended.
     gone: watch::Receiver<Option<String>>,
     kill: mpsc::Sender<()>,
+    /// Set when the core kills it: from then on it counts as gone, even before it is reaped.
+    killed: std::sync::atomic::AtomicBool,
     /// The worker's account of its confinement.
     pub confinement: String,
     started: Instant,
@@ -250,6 +252,7 @@ impl Worker {
                     in_flight: tokio::sync::Semaphore::new(0),
                     gone,
                     kill,
+                    killed: std::sync::atomic::AtomicBool::new(true),
                     confinement: String::new(),
                     started: Instant::now(),
                 };
@@ -267,6 +270,7 @@ impl Worker {
                 in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
                 gone,
                 kill,
+                killed: std::sync::atomic::AtomicBool::new(false),
                 confinement,
                 started: Instant::now(),
             },
@@ -279,9 +283,9 @@ impl Worker {
         self.pid
     }
 
-    /// Whether the process has ended.
+    /// Whether the process has ended or is being killed.
     pub fn is_gone(&self) -> bool {
-        self.gone.borrow().is_some()
+        self.killed.load(Ordering::Relaxed) || self.gone.borrow().is_some()
     }
 
     /// When it started.
@@ -291,6 +295,7 @@ impl Worker {
 
     /// Kills the process (idempotent).
     pub fn kill(&self) {
+        self.killed.store(true, Ordering::Relaxed);
         let _ = self.kill.try_send(());
     }
 

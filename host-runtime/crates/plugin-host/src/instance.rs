@@ -1,8 +1,10 @@
 //! Which instance a call runs on, and the accounting of its outcome.
 //!
-//! Freeze hooks, the freeze policy and hvsock services get a fresh instance
-//! per call; a KVP provider keeps one long-lived instance, replaced after
-//! `recycle-after-calls` calls and dropped after any failure. Every call,
+//! The freeze policy and hvsock services get a fresh instance per call; a
+//! KVP provider keeps one long-lived instance, replaced after
+//! `recycle-after-calls` calls and dropped after any failure; a freeze hook
+//! gets one instance per backup, from its `pre-freeze` to its `post-thaw`
+//! (so it can keep state across the freeze in its own memory). Every call,
 //! instantiation included, runs under [`guarded`] and ends in
 //! [`Plugin::record_ok`] or [`Plugin::record_trap`].
 
@@ -16,7 +18,7 @@ use crate::engine::epoch_ticks;
 use crate::lifecycle::Plugin;
 use crate::manifest::World;
 use crate::state::HostState;
-use crate::state::bindings::exports::hyperv::integration::kvp_provider;
+use crate::state::bindings::exports::hyperv::integration::{freeze_hooks, kvp_provider};
 use crate::store::{guarded, new_store};
 
 /// A KVP provider's long-lived instance.
@@ -25,6 +27,14 @@ pub(crate) struct ProviderInstance {
     guest: kvp_provider::Guest,
     /// Calls made on this instance (it is replaced after `recycle-after-calls`).
     calls: u64,
+}
+
+/// A freeze hook's instance for one backup: made for `pre-freeze`, used again by `post-thaw`
+/// of the same backup id, then dropped.
+pub(crate) struct BackupInstance {
+    backup_id: String,
+    store: Store<HostState>,
+    guest: freeze_hooks::Guest,
 }
 
 impl Plugin {
@@ -132,6 +142,55 @@ impl Plugin {
             }
         }
         result
+    }
+
+    /// Runs a freeze hook call for `backup_id` under `deadline`: `pre-freeze` (`keep` true) on a
+    /// fresh instance that is then kept; `post-thaw` (`keep` false) on the instance the same
+    /// backup's `pre-freeze` left (a fresh one if there is none: a vetoed round, a worker that
+    /// was replaced, another backup in between), which is then dropped. A failure drops it too.
+    pub(crate) async fn backup_call<T>(
+        &self,
+        backup_id: &str,
+        deadline: Duration,
+        keep: bool,
+        load: impl FnOnce(&mut Store<HostState>, &Instance) -> wasmtime::Result<freeze_hooks::Guest>,
+        call: impl AsyncFnOnce(&freeze_hooks::Guest, &mut Store<HostState>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
+        self.check_enabled()?;
+        let mut slot = self.backup.lock().await;
+        let kept = slot.take().filter(|b| !keep && b.backup_id == backup_id);
+        let result = async {
+            let mut inst = match kept {
+                Some(inst) => inst,
+                None => {
+                    let (store, guest) = self.instantiate(deadline, load).await?;
+                    BackupInstance {
+                        backup_id: backup_id.to_owned(),
+                        store,
+                        guest,
+                    }
+                }
+            };
+            inst.store.set_epoch_deadline(epoch_ticks(deadline));
+            let out = self
+                .guarded(deadline, call(&inst.guest, &mut inst.store))
+                .await?;
+            Ok((out, inst))
+        }
+        .await;
+        match result {
+            Ok((out, inst)) => {
+                if keep {
+                    *slot = Some(inst);
+                }
+                self.record_ok();
+                Ok(out)
+            }
+            Err(e) => {
+                self.record_trap(&e);
+                Err(e)
+            }
+        }
     }
 
     /// Runs `call` on a fresh instance (its export loaded by `load`) under

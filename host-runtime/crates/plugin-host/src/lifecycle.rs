@@ -16,7 +16,7 @@ use wasmtime::component::{InstancePre, Linker};
 
 use crate::cache::{CacheOutcome, ComponentCache};
 use crate::engine::Sandbox;
-use crate::instance::ProviderInstance;
+use crate::instance::{BackupInstance, ProviderInstance};
 use crate::manifest::{PluginManifest, World, validate_all};
 use crate::state::bindings::exports::hyperv::integration::{
     freeze_hooks, freeze_policy, hvsock_service, kvp_provider,
@@ -75,6 +75,8 @@ pub(crate) struct Plugin {
     cache: CacheOutcome,
     /// The long-lived instance of a KVP provider.
     pub provider: tokio::sync::Mutex<Option<ProviderInstance>>,
+    /// A freeze hook's instance between its `pre-freeze` and `post-thaw` of one backup.
+    pub backup: tokio::sync::Mutex<Option<BackupInstance>>,
     /// What a KVP provider's `describe` claimed at load, as far as its own
     /// manifest allows (which of these keys it owns depends on its set).
     described: ProviderKeys,
@@ -509,6 +511,7 @@ impl PluginHost {
             exports,
             cache,
             provider: tokio::sync::Mutex::new(None),
+            backup: tokio::sync::Mutex::new(None),
             described: ProviderKeys {
                 plugin: m.name.clone(),
                 ..ProviderKeys::default()

@@ -361,7 +361,7 @@ async fn a_spinning_pre_freeze_hook_is_a_veto_and_post_thaw_still_runs_for_every
         kvp.get(Pool::Guest, "misbehave.thawed".into())
             .await
             .expect("get"),
-        Some(Value::Text("after Vetoed".into()))
+        Some(Value::Text("after Vetoed pre-freeze-saw=nothing".into()))
     );
     assert_eq!(
         host.pre_freeze(&ctx("veto")).await,
@@ -373,6 +373,18 @@ async fn a_spinning_pre_freeze_hook_is_a_veto_and_post_thaw_still_runs_for_every
     assert_eq!(
         host.pre_freeze(&ctx("fine")).await,
         hvisd_plugin_host::PreFreeze::Proceed
+    );
+    // The hook's post-thaw of the same backup runs on the instance its pre-freeze left: what it
+    // kept in memory is still there.
+    let errs = host
+        .post_thaw(&ctx("fine"), hvisd_plugin_host::FreezeOutcome::Thawed)
+        .await;
+    assert!(errs.is_empty(), "{errs:?}");
+    assert_eq!(
+        kvp.get(Pool::Guest, "misbehave.thawed".into())
+            .await
+            .expect("get"),
+        Some(Value::Text("fine Thawed pre-freeze-saw=fine".into()))
     );
 }
 

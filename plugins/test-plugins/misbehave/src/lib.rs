@@ -13,6 +13,11 @@
 //! (writes to stdout, stderr and the logging import). Escape attempts answer
 //! `blocked: <error>` when the sandbox held, `ESCAPED: <content>` when not.
 //!
+//! Freeze hooks: a backup id `spin` spins in `pre-freeze` (and `post-thaw`),
+//! `veto` vetoes, `trap` traps, `sleep-N` sleeps N ms then agrees; `post-thaw`
+//! writes `misbehave.thawed` = `<backup id> <outcome> pre-freeze-saw=<the
+//! backup id its instance's pre-freeze saw, or nothing>`.
+//!
 //! Budgets enforced from outside the engine: `sleep` (parks in a blocking
 //! WASI sleep for an hour), `poll-far` (blocks on a pollable that is never
 //! ready), `fds` (opens `/data/hello.txt` until that fails and keeps every
@@ -255,8 +260,21 @@ impl KvpProvider for Misbehave {
     }
 }
 
+/// What `pre-freeze` saw, kept in the instance's memory for `post-thaw` of
+/// the same backup.
+static PRE_FREEZE_SAW: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 impl FreezeHook for Misbehave {
     fn pre_freeze(ctx: &FreezeContext) -> Result<(), String> {
+        *PRE_FREEZE_SAW.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx.backup_id.clone());
+        if let Some(ms) = ctx
+            .backup_id
+            .strip_prefix("sleep-")
+            .and_then(|ms| ms.parse::<u64>().ok())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            return Ok(());
+        }
         match ctx.backup_id.as_str() {
             "spin" => spin(),
             "veto" => Err("misbehave vetoes".into()),
@@ -265,10 +283,18 @@ impl FreezeHook for Misbehave {
         }
     }
     fn post_thaw(ctx: &FreezeContext, outcome: FreezeOutcome) {
+        let remembered = PRE_FREEZE_SAW
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| "nothing".into());
         let _ = kvp::set(
             Pool::Guest,
             "misbehave.thawed",
-            &Value::Text(format!("{} {outcome:?}", ctx.backup_id)),
+            &Value::Text(format!(
+                "{} {outcome:?} pre-freeze-saw={remembered}",
+                ctx.backup_id
+            )),
         );
         if ctx.backup_id == "spin" {
             spin();

@@ -1,5 +1,6 @@
-//! The `freeze-hook` world: `pre-freeze` (which may veto) and `post-thaw`,
-//! each in a fresh instance, in priority order.
+//! The `freeze-hook` world: `pre-freeze` (which may veto) and `post-thaw`, in
+//! priority order; one instance per hook per backup, from `pre-freeze` to
+//! `post-thaw`, so a hook may keep state in its memory across the freeze.
 
 use std::time::{Duration, Instant};
 
@@ -90,8 +91,10 @@ async fn call_hook(
     let wctx = wit_ctx(ctx, deadline);
     Some(
         plugin
-            .fresh_call(
+            .backup_call(
+                &ctx.backup_id,
                 deadline,
+                post_thaw.is_none(),
                 |s, i| idx.load(s, i),
                 async |g: &freeze_hooks::Guest, s| match post_thaw {
                     None => g.call_pre_freeze(s, &wctx).await,
@@ -104,7 +107,7 @@ async fn call_hook(
 
 impl PluginHost {
     /// Runs every freeze hook's `pre-freeze` in priority order, each in a
-    /// fresh instance. The first veto (or failure, or disabled hook) stops the round.
+    /// fresh instance kept for its `post-thaw`. The first veto (or failure, or disabled hook) stops the round.
     pub async fn pre_freeze(&self, ctx: &FreezeContext) -> PreFreeze {
         for p in self.current().ordered(World::FreezeHook) {
             let reason = match call_hook(&p, ctx, None).await {
@@ -126,7 +129,8 @@ impl PluginHost {
     }
 
     /// Runs every freeze hook's `post-thaw`, in reverse priority order, each
-    /// in a fresh instance; every hook runs whatever the others do. Returns the failures.
+    /// on the instance its `pre-freeze` left (or a fresh one); every hook runs
+    /// whatever the others do. Returns the failures.
     pub async fn post_thaw(&self, ctx: &FreezeContext, outcome: FreezeOutcome) -> Vec<CallError> {
         let mut errors = Vec::new();
         for p in self.current().ordered(World::FreezeHook).into_iter().rev() {
