@@ -11,6 +11,7 @@ pub mod bench;
 pub mod channel;
 pub mod config;
 pub mod doorbell;
+pub mod log_gate;
 pub mod offer;
 pub mod plugins;
 pub mod runtime;

@@ -107,7 +107,7 @@ fn init_tracing(filter: Option<&str>) {
     // Logs go to stderr so stdout stays clean for transcripts and JSON figures.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(hvisd::log_gate::GatedStderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

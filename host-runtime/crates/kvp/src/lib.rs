@@ -26,6 +26,6 @@ pub mod vmbus;
 
 pub use crate::core::{HostKvpEvent, KvpConfig, KvpCore, KvpOutcome};
 pub use guest_keys::{GuestKeyOptions, GuestKeyProvider, GuestKeys};
-pub use pool::{Change, PoolStore, Record, Records, StoreError, StoreOptions};
+pub use pool::{Change, PoolStore, Record, Records, Released, StoreError, StoreOptions};
 pub use store::PoolHandle;
 pub use vmbus::KvpService;

@@ -236,12 +236,21 @@ pub struct Snapshot {
 /// threads: a reader that finds the file unchanged since (one `stat`, which no other process's
 /// lock can stall) answers from it without a trip to the owner thread.
 #[derive(Debug, Default)]
-pub struct Published([std::sync::RwLock<Option<Arc<Snapshot>>>; 5]);
+pub struct Published {
+    pools: [std::sync::RwLock<Option<Arc<Snapshot>>>; 5],
+    /// While writes are held (see [`PoolStore::hold`]) the files are not the truth: every read
+    /// goes to the owner, which answers from its held records.
+    held: std::sync::atomic::AtomicBool,
+}
 
 impl Published {
-    /// The snapshot of `pool` if the file is unchanged since it was taken.
+    /// The snapshot of `pool` if the file is unchanged since it was taken (and writes are not
+    /// held).
     pub fn fresh(&self, pool: Pool) -> Option<Arc<Snapshot>> {
-        let snap = self.0[pool as usize]
+        if self.held.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let snap = self.pools[pool as usize]
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()?;
@@ -250,7 +259,7 @@ impl Published {
     }
 
     fn set(&self, pool: Pool, snap: Option<Arc<Snapshot>>) {
-        *self.0[pool as usize]
+        *self.pools[pool as usize]
             .write()
             .unwrap_or_else(|p| p.into_inner()) = snap;
     }
@@ -402,6 +411,24 @@ pub struct PoolStore {
     pools: Vec<PoolFile>,
     options: StoreOptions,
     published: Arc<Published>,
+    /// While file systems are frozen: the changes not yet written, per pool.
+    held: Option<Vec<Option<HeldPool>>>,
+}
+
+/// One pool's writes held during a freeze: the records when the hold began and as changed since.
+#[derive(Debug)]
+struct HeldPool {
+    base: Records,
+    now: Records,
+}
+
+/// What [`PoolStore::release`] wrote.
+#[derive(Debug, Default)]
+pub struct Released {
+    /// Records set or removed in the files.
+    pub written: usize,
+    /// Changes that could not be written (each message names the file); the others were.
+    pub failed: Vec<String>,
 }
 
 impl std::fmt::Debug for PoolStore {
@@ -664,6 +691,7 @@ impl PoolStore {
             pools,
             options,
             published: Arc::default(),
+            held: None,
         };
         let mut created = false;
         for pool in Pool::ALL {
@@ -801,6 +829,9 @@ impl PoolStore {
     /// Runs `f` on the current records of `pool`: from memory when the file is unchanged since it
     /// was last read, else re-read under shared locks.
     pub fn read<R>(&mut self, pool: Pool, f: impl FnOnce(&Records) -> R) -> Result<R, StoreError> {
+        if let Some(Some(held)) = self.held.as_ref().map(|h| &h[pool as usize]) {
+            return Ok(f(&held.now));
+        }
         self.ensure_open(pool)?;
         let timeout = self.options.lock_timeout;
         let st = &mut self.pools[pool as usize];
@@ -831,6 +862,9 @@ impl PoolStore {
         pool: Pool,
         f: impl FnOnce(&mut Records) -> (R, Change),
     ) -> Result<R, StoreError> {
+        if self.held.is_some() {
+            return self.update_held(pool, f);
+        }
         self.ensure_open(pool)?;
         let result = self.update_open(pool, f);
         // Publish what the file now holds (or, after a failure, nothing: the next operation
@@ -957,6 +991,124 @@ impl PoolStore {
         }
         st.cached = Some((id, records));
         drop(held);
+        Ok(result)
+    }
+
+    /// Holds every write from now on (the file systems are about to be frozen): changes are
+    /// made to records in memory, reads see them, and nothing is written to the files until
+    /// [`PoolStore::release`]. Reading the files stays allowed (a frozen file system can be
+    /// read). Idempotent.
+    pub fn hold(&mut self) {
+        if self.held.is_none() {
+            self.held = Some((0..Pool::ALL.len()).map(|_| None).collect());
+            self.published
+                .held
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Whether writes are held.
+    pub fn is_held(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Ends a hold: writes what changed during it, key by key, onto the files as they are now
+    /// (a key set during the hold is set, one removed is removed; keys nobody touched, and
+    /// whatever other programs wrote meanwhile, stay as the files have them).
+    pub fn release(&mut self) -> Released {
+        let Some(held) = self.held.take() else {
+            return Released::default();
+        };
+        self.published
+            .held
+            .store(false, std::sync::atomic::Ordering::Release);
+        let mut out = Released::default();
+        for (pool, held) in Pool::ALL.into_iter().zip(held) {
+            let Some(HeldPool { base, now }) = held else {
+                continue;
+            };
+            for record in now.iter() {
+                let unchanged = base
+                    .iter()
+                    .any(|b| b.key() == record.key() && b.value() == record.value());
+                if unchanged {
+                    continue;
+                }
+                let new = record.clone();
+                match self.update(pool, move |records| {
+                    match records.position(|r| r.key() == new.key()) {
+                        Some(i) => {
+                            records[i] = new;
+                            ((), Change::Modified(i))
+                        }
+                        None => {
+                            records.push(new);
+                            ((), Change::Appended)
+                        }
+                    }
+                }) {
+                    Ok(()) => out.written += 1,
+                    Err(e) => out.failed.push(e.to_string()),
+                }
+            }
+            for gone in base
+                .iter()
+                .filter(|b| !now.iter().any(|r| r.key() == b.key()))
+            {
+                let key = gone.key().to_vec();
+                match self.update(pool, move |records| {
+                    match records.position(|r| r.key() == key.as_slice()) {
+                        Some(i) => {
+                            records.remove(i);
+                            (true, Change::Removed(i))
+                        }
+                        None => (false, Change::None),
+                    }
+                }) {
+                    Ok(true) => out.written += 1,
+                    Ok(false) => {}
+                    Err(e) => out.failed.push(e.to_string()),
+                }
+            }
+        }
+        out
+    }
+
+    /// [`PoolStore::update`] while writes are held: on the held records, nothing written.
+    fn update_held<R>(
+        &mut self,
+        pool: Pool,
+        f: impl FnOnce(&mut Records) -> (R, Change),
+    ) -> Result<R, StoreError> {
+        let needs_base = self
+            .held
+            .as_ref()
+            .is_some_and(|h| h[pool as usize].is_none());
+        if needs_base {
+            // The first change of this pool during the hold: start from the file (read under a
+            // shared lock, which a frozen file system allows).
+            let held = self.held.take();
+            let base = self.read(pool, Records::clone);
+            self.held = held;
+            let base = base?;
+            if let Some(h) = self.held.as_mut() {
+                h[pool as usize] = Some(HeldPool {
+                    now: base.clone(),
+                    base,
+                });
+            }
+        }
+        let max = self.options.max_records;
+        let Some(Some(held)) = self.held.as_mut().map(|h| &mut h[pool as usize]) else {
+            unreachable!("made above");
+        };
+        let before = held.now.len();
+        let mut records = held.now.clone();
+        let (result, change) = f(&mut records);
+        if change == Change::Appended && records.len() > max.max(before) {
+            return Err(StoreError::PoolFull { pool, max });
+        }
+        held.now = records;
         Ok(result)
     }
 
@@ -1132,6 +1284,75 @@ mod tests {
 
     fn ino(path: &Path) -> u64 {
         std::fs::metadata(path).unwrap().ino()
+    }
+
+    #[test]
+    fn held_writes_are_answered_from_memory_and_written_key_by_key_on_release() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = store(d.path());
+        s.set(Pool::Guest, "keep", "k").unwrap();
+        s.set(Pool::Guest, "change", "old").unwrap();
+        s.set(Pool::Guest, "remove", "r").unwrap();
+        let file = s.path(Pool::Guest).to_owned();
+        let before = std::fs::read(&file).unwrap();
+
+        s.hold();
+        assert!(s.is_held());
+        s.set(Pool::Guest, "change", "new").unwrap();
+        s.set(Pool::Guest, "added", "a").unwrap();
+        assert!(s.delete(Pool::Guest, "remove").unwrap());
+        // Reads see the held changes; the file has not been touched.
+        assert_eq!(
+            s.get(Pool::Guest, "change").unwrap().as_deref(),
+            Some("new")
+        );
+        assert_eq!(s.get(Pool::Guest, "remove").unwrap(), None);
+        assert_eq!(std::fs::read(&file).unwrap(), before);
+        // Another program appends a record meanwhile (cloud-init, under flock).
+        {
+            let mut other = PoolStore::open(d.path(), StoreOptions::default()).unwrap();
+            other.set(Pool::Guest, "cloud-init", "c").unwrap();
+        }
+
+        let released = s.release();
+        assert!(released.failed.is_empty(), "{:?}", released.failed);
+        assert_eq!(released.written, 3);
+        assert!(!s.is_held());
+        let mut fresh = PoolStore::open(d.path(), StoreOptions::default()).unwrap();
+        let mut all = fresh.list(Pool::Guest).unwrap();
+        all.sort();
+        assert_eq!(
+            all,
+            [
+                ("added".to_owned(), "a".to_owned()),
+                ("change".to_owned(), "new".to_owned()),
+                ("cloud-init".to_owned(), "c".to_owned()),
+                ("keep".to_owned(), "k".to_owned()),
+            ]
+        );
+        // A release without a hold writes nothing.
+        assert_eq!(s.release().written, 0);
+    }
+
+    #[test]
+    fn held_writes_respect_the_record_cap() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = PoolStore::open(
+            d.path(),
+            StoreOptions {
+                max_records: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s.hold();
+        s.set(Pool::Guest, "a", "1").unwrap();
+        s.set(Pool::Guest, "b", "2").unwrap();
+        assert!(matches!(
+            s.set(Pool::Guest, "c", "3"),
+            Err(StoreError::PoolFull { .. })
+        ));
+        assert_eq!(s.release().written, 2);
     }
 
     #[test]

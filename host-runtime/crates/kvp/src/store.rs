@@ -126,6 +126,20 @@ impl PoolHandle {
         self.run(move |s| s.set(pool, &key, &value)).await
     }
 
+    /// [`PoolStore::hold`]: from now on writes are answered at once and kept in memory.
+    pub async fn hold(&self) -> Result<(), StoreError> {
+        self.run(|s| {
+            s.hold();
+            Ok(())
+        })
+        .await
+    }
+
+    /// [`PoolStore::release`]: writes what was held.
+    pub async fn release(&self) -> Result<crate::pool::Released, StoreError> {
+        self.run(|s| Ok(s.release())).await
+    }
+
     /// [`PoolStore::delete`].
     pub async fn delete(&self, pool: Pool, key: String) -> Result<bool, StoreError> {
         self.run(move |s| s.delete(pool, &key)).await
