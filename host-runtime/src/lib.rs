@@ -19,3 +19,4 @@ pub mod service_kind;
 pub mod services;
 pub mod sim;
 pub mod transport;
+pub mod vss;
