@@ -33,10 +33,10 @@ pub const KVP_FRAMEWORK_VERSIONS: &[IcVersion] = UTIL_FRAMEWORK_VERSIONS;
 pub const KVP_VERSIONS: &[IcVersion] = &[v(4, 0), v(3, 0), v(1, 0)];
 
 /// VSS framework versions (`hv_snapshot.c`): 3.0 only.
-pub const VSS_FRAMEWORK_VERSIONS: &[IcVersion] = CURRENT_FRAMEWORK_VERSIONS;
+pub const VSS_FRAMEWORK_VERSIONS: &[IcVersion] = hvisd_protocol::vss::FRAMEWORK_VERSIONS;
 
 /// VSS message versions (`hv_snapshot.c`): 5.0 only (freeze/thaw operations).
-pub const VSS_VERSIONS: &[IcVersion] = &[v(5, 0)];
+pub const VSS_VERSIONS: &[IcVersion] = hvisd_protocol::vss::MESSAGE_VERSIONS;
 
 /// fcopy framework versions (`hv_fcopy_uio_daemon.c`): 3.0 only.
 pub const FCOPY_FRAMEWORK_VERSIONS: &[IcVersion] = CURRENT_FRAMEWORK_VERSIONS;

@@ -9,7 +9,8 @@
 //!
 //! The first message on a channel is a version negotiation (`icmsgtype` 0) whose body is an
 //! [`NegotiateHeader`] followed by the host's framework versions, then its message versions. The
-//! service messages are in the submodules. Everything here is plain data: parse and build, no I/O.
+//! service messages are in the submodules (VSS, with its daemon protocol, in [`crate::vss`]).
+//! Everything here is plain data: parse and build, no I/O.
 //! All integers are little-endian on the wire, which the `zerocopy::little_endian` field types make
 //! explicit (and which keeps every struct free of alignment requirements).
 
@@ -17,7 +18,6 @@ pub mod fcopy;
 pub mod heartbeat;
 pub mod shutdown;
 pub mod timesync;
-pub mod vss;
 
 use std::fmt;
 use zerocopy::little_endian::{U16, U32};
