@@ -21,6 +21,9 @@ pub struct Config {
     /// Key/value exchange.
     #[serde(default)]
     pub kvp: KvpSection,
+    /// Backups (VSS): what is frozen, hooks' budgets, the watchdog.
+    #[serde(default)]
+    pub vss: VssSection,
     /// Where compiled plugins are cached.
     #[serde(default)]
     pub plugins: PluginsSection,
@@ -234,6 +237,75 @@ impl KvpSection {
     }
 }
 
+/// `[vss]`: backups. What may be frozen is `[vss.policy]` (see `hvisd_vss::VssPolicy`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VssSection {
+    /// The kernel's VSS device, for `--transport kernel` (a `SOCK_SEQPACKET` socket path works
+    /// too: tests play the kernel).
+    #[serde(default = "default_vss_device")]
+    pub device: PathBuf,
+    /// Where the set being frozen is journaled before the first `FIFREEZE`, so a restarted
+    /// hvisd thaws what a killed one left frozen. Must be on a tmpfs (never frozen).
+    #[serde(default = "default_vss_journal")]
+    pub journal: PathBuf,
+    /// Total time the pre-freeze hooks of one backup may take.
+    #[serde(default = "default_hook_budget_ms")]
+    pub pre_freeze_budget_ms: u64,
+    /// Total time the post-thaw hooks of one backup may take.
+    #[serde(default = "default_hook_budget_ms")]
+    pub post_thaw_budget_ms: u64,
+    /// What a veto of a pre-freeze hook does: `fail` (the backup fails with `HV_E_FAIL`) or
+    /// `freeze` (freeze anyway: file-system-consistent instead of application-consistent).
+    #[serde(default)]
+    pub on_veto: OnVeto,
+    /// Never call `FIFREEZE`: plan, journal, run hooks and report as if (`hvisd sim` without
+    /// root, trials of a policy). Unset: `true` on the `shm` transport (a simulated host must
+    /// not freeze the machine it runs on) and `false` on the others.
+    #[serde(default)]
+    pub dry_run: Option<bool>,
+    /// What may be frozen and in which order.
+    #[serde(default)]
+    pub policy: hvisd_vss::VssPolicy,
+}
+
+/// `[vss] on_veto`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnVeto {
+    /// The backup fails.
+    #[default]
+    Fail,
+    /// Freeze anyway (file-system-consistent).
+    Freeze,
+}
+
+fn default_vss_device() -> PathBuf {
+    "/dev/vmbus/hv_vss".into()
+}
+
+fn default_vss_journal() -> PathBuf {
+    "/run/hvisd/vss-frozen.json".into()
+}
+
+fn default_hook_budget_ms() -> u64 {
+    30_000
+}
+
+impl Default for VssSection {
+    fn default() -> Self {
+        Self {
+            device: default_vss_device(),
+            journal: default_vss_journal(),
+            pre_freeze_budget_ms: default_hook_budget_ms(),
+            post_thaw_budget_ms: default_hook_budget_ms(),
+            on_veto: OnVeto::default(),
+            dry_run: None,
+            policy: hvisd_vss::VssPolicy::default(),
+        }
+    }
+}
+
 /// `[services]`: each service can be turned off, e.g. when another daemon still owns it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -250,6 +322,9 @@ pub struct ServicesConfig {
     /// Key/value exchange.
     #[serde(default = "yes")]
     pub kvp: bool,
+    /// Backups (file-system freeze and thaw).
+    #[serde(default = "yes")]
+    pub vss: bool,
 }
 
 fn yes() -> bool {
@@ -263,6 +338,7 @@ impl Default for ServicesConfig {
             shutdown: true,
             timesync: true,
             kvp: true,
+            vss: true,
         }
     }
 }
@@ -392,6 +468,7 @@ impl Config {
             ServiceKind::Shutdown => self.services.shutdown,
             ServiceKind::TimeSync => self.services.timesync,
             ServiceKind::Kvp => self.services.kvp,
+            ServiceKind::Vss => self.services.vss,
         }
     }
 

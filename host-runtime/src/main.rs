@@ -25,7 +25,9 @@ enum Command {
     /// Run the guest runtime on a transport.
     Run {
         /// `shm:ROOT` (a host simulator's root), `uio` or `uio:SYSFS_DEVICES_DIR[:DEV_DIR]`, or
-        /// `kernel[:DEVICE]` (KVP over /dev/vmbus/hv_kvp, or a SOCK_SEQPACKET socket at DEVICE).
+        /// `kernel` (KVP and VSS on the kernel's devices, /dev/vmbus/hv_kvp and hv_vss, or the
+        /// SOCK_SEQPACKET sockets `[kvp] device` and `[vss] device` name), or `kernel:DEVICE`
+        /// (KVP only, on DEVICE).
         #[arg(long)]
         transport: String,
         /// The runtime's TOML config (defaults apply without one).
@@ -62,6 +64,11 @@ enum Command {
     },
     /// Read and change the KVP pool files (safe while the daemon runs).
     Kvp(hvisd_kvp::cli::KvpCliArgs),
+    /// Backups (VSS).
+    Vss {
+        #[command(subcommand)]
+        command: VssCommand,
+    },
     /// Benchmarks that print figures (built with `--features bench`).
     #[cfg(feature = "bench")]
     Bench {
@@ -76,6 +83,20 @@ enum HostCommand {
     Script {
         /// The script file.
         file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum VssCommand {
+    /// Print what a backup would freeze now, in order, and why every other mount is left
+    /// alone. Freezes nothing.
+    Plan {
+        /// The runtime's config (its `[vss.policy]`; defaults: `hv_vss_daemon`'s rules).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -163,6 +184,9 @@ fn main() -> Result<()> {
                 },
         } => plugin_check(&file, config.as_deref(), plugin.as_deref(), json),
         Command::Kvp(args) => Ok(hvisd_kvp::cli::cli(&args, &mut std::io::stdout().lock())?),
+        Command::Vss {
+            command: VssCommand::Plan { config, json },
+        } => vss_plan(config.as_ref(), json),
         #[cfg(feature = "bench")]
         Command::Bench { which } => hvisd::bench::run(which),
     }
@@ -187,8 +211,15 @@ async fn stop_signal() -> Result<()> {
     Ok(())
 }
 
-async fn run(transport: &str, config: Config, config_path: Option<PathBuf>) -> Result<()> {
+async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) -> Result<()> {
     let kvp_device = config.kvp.device.clone();
+    let vss_device = config.vss.device.clone();
+    let (kind, rest) = transport.split_once(':').unwrap_or((transport, ""));
+    if kind == "shm" && config.vss.dry_run.is_none() {
+        // A simulated host must not freeze the machine it runs on.
+        tracing::info!("VSS on the shm transport freezes nothing (set [vss] dry_run = false to freeze for real)");
+        config.vss.dry_run = Some(true);
+    }
     let services = Services::new(config.clone())?;
     // With a config file the plugins are always set up, so a SIGHUP can add some even if there
     // were none at start.
@@ -200,25 +231,51 @@ async fn run(transport: &str, config: Config, config_path: Option<PathBuf>) -> R
     if let (Some(plugins), Some(test)) = (&plugins, &config.plugins.escape_test) {
         escape_test(plugins, test).await?;
     }
+    if let (Some(vss), Some(plugins)) = (services.vss_core(), &plugins) {
+        vss.set_plugins(plugins.clone());
+    }
     if let (Some(plugins), Some(path)) = (plugins.clone(), config_path) {
         tokio::spawn(reload_on_sighup(plugins, path));
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (kind, rest) = transport.split_once(':').unwrap_or((transport, ""));
     let serve = async {
         match kind {
             "kernel" => {
-                let device = if rest.is_empty() {
-                    kvp_device
+                // `kernel:DEVICE`: KVP on DEVICE only. `kernel`: every enabled service with a
+                // kernel device (KVP, VSS) on the device its section names.
+                let (kvp_device, vss) = if rest.is_empty() {
+                    (kvp_device, services.vss_core().cloned())
                 } else {
-                    PathBuf::from(rest)
+                    (PathBuf::from(rest), None)
                 };
-                let Some(core) = services.kvp_core() else {
-                    bail!("--transport kernel serves KVP, but [services] kvp = false");
+                let kvp = async {
+                    let Some(core) = services.kvp_core() else {
+                        return Ok(());
+                    };
+                    tracing::info!(device = %kvp_device.display(), "serving KVP on the kernel device protocol");
+                    hvisd_kvp::kernel::run_kernel_transport(
+                        core.clone(),
+                        &kvp_device,
+                        stop_rx.clone(),
+                    )
+                    .await
+                    .inspect_err(|e| tracing::error!("KVP stopped: {e}"))
                 };
-                tracing::info!(device = %device.display(), "serving KVP on the kernel device protocol");
-                hvisd_kvp::kernel::run_kernel_transport(core.clone(), &device, stop_rx.clone())
-                    .await?;
+                let vss = async {
+                    let Some(core) = vss else {
+                        return Ok(());
+                    };
+                    tracing::info!(device = %vss_device.display(), "serving VSS on the kernel device protocol");
+                    hvisd::vss::kernel::run_kernel_transport(core, &vss_device, stop_rx.clone())
+                        .await
+                        .inspect_err(|e| tracing::error!("VSS stopped: {e}"))
+                };
+                if services.kvp_core().is_none() && services.vss_core().is_none() {
+                    bail!("--transport kernel serves KVP and VSS, but both are turned off in [services]");
+                }
+                let (k, v) = tokio::join!(kvp, vss);
+                k?;
+                v?;
                 Ok(())
             }
             "shm" => {
@@ -344,6 +401,41 @@ async fn sim(script: Option<PathBuf>, root: Option<PathBuf>, config: Config) -> 
             transcript.failures(),
             transcript.len()
         );
+    }
+    Ok(())
+}
+
+fn vss_plan(config: Option<&PathBuf>, json: bool) -> Result<()> {
+    let config = load_config(config)?;
+    let policy = config
+        .vss
+        .policy
+        .compile()
+        .context("[vss.policy]")?;
+    let mounts = hvisd_vss::system::read_mounts()?;
+    let plan = hvisd_vss::plan(&mounts, &policy);
+    let policy_plugins: Vec<&str> = config
+        .plugin
+        .iter()
+        .filter(|m| m.worlds.contains(&hvisd_plugin_host::World::FreezePolicy))
+        .map(|m| m.name.as_str())
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "plan": plan,
+                "freeze_policy_plugins": policy_plugins,
+            }))?
+        );
+    } else {
+        print!("{plan}");
+        if !policy_plugins.is_empty() {
+            println!(
+                "\nAt backup time the freeze-policy plugin {} may narrow or reorder this (never widen it).",
+                policy_plugins.join(", ")
+            );
+        }
     }
     Ok(())
 }

@@ -14,11 +14,19 @@ pub enum ServiceKind {
     TimeSync,
     /// Key/value exchange.
     Kvp,
+    /// Backups: freeze and thaw the file systems around a host snapshot.
+    Vss,
 }
 
 impl ServiceKind {
     /// Every kind, in the order the simulator offers them.
-    pub const ALL: [ServiceKind; 4] = [Self::Heartbeat, Self::Shutdown, Self::TimeSync, Self::Kvp];
+    pub const ALL: [ServiceKind; 5] = [
+        Self::Heartbeat,
+        Self::Shutdown,
+        Self::TimeSync,
+        Self::Kvp,
+        Self::Vss,
+    ];
 
     /// The name used in logs, config and simulator scripts.
     pub fn name(self) -> &'static str {
@@ -27,6 +35,7 @@ impl ServiceKind {
             Self::Shutdown => "shutdown",
             Self::TimeSync => "timesync",
             Self::Kvp => "kvp",
+            Self::Vss => "vss",
         }
     }
 
@@ -38,6 +47,7 @@ impl ServiceKind {
             Self::Shutdown => class_id::SHUTDOWN,
             Self::TimeSync => class_id::TIMESYNC,
             Self::Kvp => class_id::KVP,
+            Self::Vss => class_id::VSS,
         }
     }
 
@@ -49,6 +59,7 @@ impl ServiceKind {
             Self::Shutdown => MessageType::SHUTDOWN,
             Self::TimeSync => MessageType::TIMESYNC,
             Self::Kvp => MessageType::KVP_EXCHANGE,
+            Self::Vss => MessageType::VSS,
         }
     }
 

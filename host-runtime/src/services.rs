@@ -5,6 +5,8 @@ use crate::config::Config;
 pub use crate::service_kind::ServiceKind;
 use hvisd_ic::IcGuest;
 use hvisd_ic::service::IcService;
+use crate::vss::VssCore;
+use crate::vss::vmbus::VssService;
 use hvisd_kvp::{KvpCore, KvpService};
 use hvisd_protocol::guid::Guid;
 use hvisd_ring::{PACKET_TYPE_DATA_INBAND, PacketHeader};
@@ -18,6 +20,8 @@ pub struct Services {
     config: Arc<Config>,
     /// One KVP core for every KVP channel and transport: the pools are one set of files.
     kvp: Option<Arc<KvpCore>>,
+    /// One VSS core: one set of frozen file systems, whatever carried the FREEZE.
+    vss: Option<Arc<VssCore>>,
 }
 
 /// Why the services could not start.
@@ -31,6 +35,12 @@ pub enum ServicesError {
         /// What failed.
         source: hvisd_kvp::StoreError,
     },
+    /// The VSS service could not start.
+    #[error(transparent)]
+    Vss(#[from] crate::vss::VssSetupError),
+    /// VSS needs the async runtime (its watchdog reports into it).
+    #[error("the VSS service must be set up inside the async runtime")]
+    NoRuntime,
 }
 
 impl Services {
@@ -47,10 +57,27 @@ impl Services {
         } else {
             None
         };
+        let vss = if config.services.vss {
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Err(ServicesError::NoRuntime);
+            }
+            Some(VssCore::new(
+                &config.vss,
+                kvp.as_ref().map(|core| core.store()),
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             config: Arc::new(config),
             kvp,
+            vss,
         })
+    }
+
+    /// The VSS core, if VSS is enabled.
+    pub fn vss_core(&self) -> Option<&Arc<VssCore>> {
+        self.vss.as_ref()
     }
 
     /// Services around an existing KVP core (benchmarks, embedders that set up the core themselves).
@@ -58,6 +85,7 @@ impl Services {
         Self {
             config: Arc::new(config),
             kvp: Some(core),
+            vss: None,
         }
     }
 
@@ -107,6 +135,12 @@ impl Services {
             ServiceKind::Kvp => match &self.kvp {
                 Some(core) => serve_ic(channel, KvpService::new(core.clone()).await).await,
                 // kind_for never picks a disabled service; answer as if the host had gone.
+                None => Err(ChannelError::Closed {
+                    channel: channel.label().to_owned(),
+                }),
+            },
+            ServiceKind::Vss => match &self.vss {
+                Some(core) => serve_ic(channel, VssService::new(core.clone())).await,
                 None => Err(ChannelError::Closed {
                     channel: channel.label().to_owned(),
                 }),

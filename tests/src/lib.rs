@@ -370,11 +370,22 @@ impl Drop for LoopMount {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
-            let _ = Command::new("umount")
+            let unmounted = Command::new("umount")
                 .arg(&mnt)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .status();
+                .status()
+                .is_ok_and(|s| s.success());
+            if !unmounted {
+                // Still busy (a process of the test holds a descriptor in it): detach it now;
+                // the kernel finishes the unmount when the last user lets go.
+                let _ = Command::new("umount")
+                    .arg("--lazy")
+                    .arg(&mnt)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
     }
 }

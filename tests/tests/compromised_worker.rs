@@ -190,5 +190,7 @@ access = "read-write"
     assert_eq!(entries[1]["received"]["value"], "4.2.0", "{}", entries[1]);
     assert_eq!(entries[2]["received"]["value"], "fine", "{}", entries[2]);
     assert!(guest.process.is_running());
+    // The daemon and its workers go before the image they have open.
+    drop(guest);
     drop(image);
 }

@@ -113,6 +113,51 @@ pub fn open(path: &Path) -> Result<OwnedFd, GrantError> {
     })
 }
 
+/// The freeze hooks among `manifests` with a read-write directory on a file system `plan`
+/// freezes, each with the sentence that refuses it: a hook writes during the freeze, and a write
+/// to a frozen file system blocks until the thaw (or the watchdog).
+pub fn hooks_writing_to_frozen(
+    manifests: &[hvisd_plugin_host::PluginManifest],
+    plan: &hvisd_vss::Plan,
+) -> Vec<(String, GrantError)> {
+    let mut problems = Vec::new();
+    for m in manifests {
+        if !m.worlds.contains(&hvisd_plugin_host::World::FreezeHook) {
+            continue;
+        }
+        for d in &m.dirs {
+            if d.access != hvisd_plugin_host::manifest::Access::ReadWrite {
+                continue;
+            }
+            let Ok(st) = rustix::fs::stat(&d.host) else {
+                continue;
+            };
+            let (major, minor) = (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev));
+            if let Some(frozen) = plan
+                .freeze
+                .iter()
+                .find(|p| p.mount.device.major == major && p.mount.device.minor == minor)
+            {
+                problems.push((
+                    m.name.clone(),
+                    GrantError {
+                        path: d.host.display().to_string(),
+                        problem: format!(
+                            "a freeze hook's read-write directory on {}, which backups freeze: \
+                             the hook would block writing there during the freeze. Grant a \
+                             directory on a file system that is not frozen (under /run, say), or \
+                             exclude that mount in [vss.policy]",
+                            frozen.mount.name()
+                        ),
+                    },
+                ));
+                break;
+            }
+        }
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

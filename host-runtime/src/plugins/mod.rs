@@ -761,7 +761,26 @@ impl Plugins {
             .iter()
             .flat_map(|m| m.dirs.iter().map(|d| (m.name.clone(), d.host.clone())))
             .collect();
-        let grant_problems = grants::check_all(&all_grants, &runtime_paths);
+        let mut grant_problems = grants::check_all(&all_grants, &runtime_paths);
+        // Freeze hooks may not write where a backup freezes (only checked when VSS runs).
+        if config.services.vss
+            && config
+                .plugin
+                .iter()
+                .any(|m| m.worlds.contains(&World::FreezeHook))
+        {
+            let planned = config.vss.policy.compile().map_err(|e| {
+                PluginSetupError::User(format!("[vss.policy]: {e}"))
+            })?;
+            match hvisd_vss::system::read_mounts() {
+                Ok(mounts) => {
+                    let plan = hvisd_vss::plan(&mounts, &planned);
+                    grant_problems
+                        .extend(grants::hooks_writing_to_frozen(&config.plugin, &plan));
+                }
+                Err(e) => tracing::warn!("cannot read the mount table to check freeze hooks' directories: {e}"),
+            }
+        }
         for m in &config.plugin {
             let refuse = |set: &mut PluginSet, why: String| {
                 set.refused.insert(m.name.clone(), (m.clone(), why));

@@ -8,6 +8,7 @@ mod channel_actions;
 mod hostile_actions;
 mod ic_actions;
 mod kvp_actions;
+mod vss_actions;
 mod script;
 
 pub use script::{Action, Script, ScriptError};
@@ -200,6 +201,9 @@ impl HostSimulator {
             | Action::KvpEnumerate { .. }
             | Action::KvpGetIpInfo { .. }
             | Action::KvpSetIpInfo { .. } => self.act_kvp(action, timeout, entry).await,
+            Action::Backup { .. } | Action::VssOp { .. } => {
+                self.act_vss(action, timeout, entry).await
+            }
         }
     }
 
@@ -510,9 +514,17 @@ pub async fn run_embedded(
     };
     config.shutdown = Default::default();
     sandbox_kvp_paths(&mut config, &root)?;
+    // A simulated host never freezes the machine it runs on unless the config says so (with an
+    // allow-list of its own mounts).
+    if config.vss.dry_run.is_none() {
+        config.vss.dry_run = Some(true);
+    }
     let services = Services::new(config.clone())?;
     // Plugins from the config serve the simulated guest too (their keys show in the transcript).
-    let _plugins = crate::plugins::Plugins::start(&config, &services).await?;
+    let plugins = crate::plugins::Plugins::start(&config, &services).await?;
+    if let (Some(vss), Some(plugins)) = (services.vss_core(), &plugins) {
+        vss.set_plugins(plugins.clone());
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let runtime = tokio::spawn(crate::runtime::run_shm(
         ShmRoot::new(&root),

@@ -164,6 +164,33 @@ pub enum Action {
     },
     /// Leave the process at once, as a crashing host would: nothing is cleaned up.
     Crash,
+    /// A backup as Hyper-V runs one: HOT_BACKUP (the guest's feature flags), FREEZE, a pause
+    /// (the host's snapshot), THAW, BU_COMPLETE. Each status and time is reported.
+    Backup {
+        /// The channel (default `vss`).
+        #[serde(default = "vss_name")]
+        name: String,
+        /// How long the file systems stay frozen (the snapshot), milliseconds.
+        #[serde(default = "backup_pause_ms")]
+        pause_ms: u64,
+        /// Send THAW (default true; false plays a host that never does: the guest's watchdog
+        /// must thaw).
+        #[serde(default = "yes")]
+        thaw: bool,
+        /// What the FREEZE must answer for the action to pass: `ok` (default) or `fail` (a
+        /// veto, a policy refusal...). A failed FREEZE is not followed by THAW.
+        #[serde(default = "expect_ok")]
+        expect: String,
+    },
+    /// One VSS operation (by name, e.g. `freeze`, or number), its status reported.
+    VssOp {
+        /// The channel (default `vss`).
+        #[serde(default = "vss_name")]
+        name: String,
+        /// `create`, `delete`, `hot_backup`, `get_dm_info`, `bu_complete`, `freeze`, `thaw`,
+        /// `auto_recover`, or a number (any u8).
+        op: serde_json::Value,
+    },
     /// KVP SET.
     KvpSet {
         /// The channel (default `kvp`).
@@ -286,6 +313,15 @@ fn both() -> String {
 fn yes() -> bool {
     true
 }
+fn vss_name() -> String {
+    "vss".into()
+}
+fn backup_pause_ms() -> u64 {
+    100
+}
+fn expect_ok() -> String {
+    "ok".into()
+}
 fn one() -> u32 {
     1
 }
@@ -319,6 +355,8 @@ impl Action {
             Action::Rescind { .. } => "rescind",
             Action::Sleep { .. } => "sleep",
             Action::Crash => "crash",
+            Action::Backup { .. } => "backup",
+            Action::VssOp { .. } => "vss_op",
             Action::KvpSet { .. } => "kvp_set",
             Action::KvpGet { .. } => "kvp_get",
             Action::KvpDelete { .. } => "kvp_delete",

@@ -9,6 +9,9 @@
 //! version string (kept as `IntegrationServicesVersion`) and is not answered; anything else is
 //! answered by one 7432-byte write. A read of another size makes the C daemon reopen the device;
 //! hvisd does the same (after a short pause). End of file on a socket ends the session.
+//!
+//! [`open_device`], [`read_msg`] and [`write_msg`] are the `hv_utils_transport` device plumbing
+//! the VSS transport uses too.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -27,7 +30,7 @@ use crate::core::KvpCore;
 #[derive(Debug, thiserror::Error)]
 pub enum KernelTransportError {
     /// The device or socket could not be opened.
-    #[error("KVP kernel transport: cannot open {path}: {source}")]
+    #[error("kernel transport: cannot open {path}: {source}")]
     Open {
         /// The configured path.
         path: PathBuf,
@@ -36,7 +39,7 @@ pub enum KernelTransportError {
         source: std::io::Error,
     },
     /// Reading or writing failed.
-    #[error("KVP kernel transport: {what} failed: {source}")]
+    #[error("kernel transport: {what} failed: {source}")]
     Io {
         /// "read" or "write".
         what: &'static str,
@@ -168,7 +171,12 @@ pub async fn serve_fd_until(
     }
 }
 
-async fn read_msg(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> Result<usize, KernelTransportError> {
+/// Reads one message from the device (or seqpacket socket); 0 at end of file or reset. Shared
+/// with the VSS transport (the same `hv_utils_transport` device plumbing).
+pub async fn read_msg(
+    fd: &AsyncFd<OwnedFd>,
+    buf: &mut [u8],
+) -> Result<usize, KernelTransportError> {
     loop {
         let mut guard = fd
             .readable()
@@ -196,7 +204,8 @@ async fn read_msg(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> Result<usize, Kernel
     }
 }
 
-async fn write_msg(fd: &AsyncFd<OwnedFd>, buf: &[u8]) -> Result<usize, KernelTransportError> {
+/// Writes one message whole; returns the bytes the device took.
+pub async fn write_msg(fd: &AsyncFd<OwnedFd>, buf: &[u8]) -> Result<usize, KernelTransportError> {
     loop {
         let mut guard = fd
             .writable()
