@@ -1,5 +1,14 @@
 //! Helpers for the end-to-end tests: build and find the `hvisd` binary, run it as a child process that
-//! is always killed (by its PID) and reaped, and read what it printed.
+//! is always killed (by its PID) and reaped, and read what it printed; and [`freeze_sandbox`], a
+//! private namespace with a tmpfs root where tests may freeze loop-mounted images they made.
+
+#![forbid(unsafe_code)]
+
+pub mod freeze_sandbox;
+
+pub use freeze_sandbox::{
+    FreezeSandbox, FsType, ImageSpec, SandboxError, SandboxImage, SandboxProcess,
+};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -94,17 +103,7 @@ impl ChildGuard {
 
     /// Waits until stderr contains `needle`, or panics with the log after `timeout`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if self.stderr().contains(needle) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "no {needle:?} in the log within {timeout:?}:\n{}",
-            self.stderr()
-        );
+        wait_for_text("the log", || self.stderr(), needle, timeout);
     }
 
     /// Counts occurrences of `needle` in stderr.
@@ -155,6 +154,24 @@ impl Drop for ChildGuard {
             let _ = child.wait();
         }
     }
+}
+
+/// Polls `read` until what it returns contains `needle`; after `timeout`, panics with the text,
+/// calling it `what`.
+pub(crate) fn wait_for_text(
+    what: &str,
+    read: impl Fn() -> String,
+    needle: &str,
+    timeout: Duration,
+) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if read().contains(needle) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no {needle:?} in {what} within {timeout:?}:\n{}", read());
 }
 
 /// A guest runtime (`hvisd run --transport shm:ROOT`) running as its own process.
