@@ -217,7 +217,9 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
     let (kind, rest) = transport.split_once(':').unwrap_or((transport, ""));
     if kind == "shm" && config.vss.dry_run.is_none() {
         // A simulated host must not freeze the machine it runs on.
-        tracing::info!("VSS on the shm transport freezes nothing (set [vss] dry_run = false to freeze for real)");
+        tracing::info!(
+            "VSS on the shm transport freezes nothing (set [vss] dry_run = false to freeze for real)"
+        );
         config.vss.dry_run = Some(true);
     }
     let services = Services::new(config.clone())?;
@@ -271,7 +273,9 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
                         .inspect_err(|e| tracing::error!("VSS stopped: {e}"))
                 };
                 if services.kvp_core().is_none() && services.vss_core().is_none() {
-                    bail!("--transport kernel serves KVP and VSS, but both are turned off in [services]");
+                    bail!(
+                        "--transport kernel serves KVP and VSS, but both are turned off in [services]"
+                    );
                 }
                 let (k, v) = tokio::join!(kvp, vss);
                 k?;
@@ -407,11 +411,7 @@ async fn sim(script: Option<PathBuf>, root: Option<PathBuf>, config: Config) -> 
 
 fn vss_plan(config: Option<&PathBuf>, json: bool) -> Result<()> {
     let config = load_config(config)?;
-    let policy = config
-        .vss
-        .policy
-        .compile()
-        .context("[vss.policy]")?;
+    let policy = config.vss.policy.compile().context("[vss.policy]")?;
     let mounts = hvisd_vss::system::read_mounts()?;
     let plan = hvisd_vss::plan(&mounts, &policy);
     let policy_plugins: Vec<&str> = config

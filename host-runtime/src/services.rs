@@ -3,10 +3,10 @@
 use crate::channel::{Channel, ChannelError, OwnedPacket};
 use crate::config::Config;
 pub use crate::service_kind::ServiceKind;
-use hvisd_ic::IcGuest;
-use hvisd_ic::service::IcService;
 use crate::vss::VssCore;
 use crate::vss::vmbus::VssService;
+use hvisd_ic::IcGuest;
+use hvisd_ic::service::IcService;
 use hvisd_kvp::{KvpCore, KvpService};
 use hvisd_protocol::guid::Guid;
 use hvisd_ring::{PACKET_TYPE_DATA_INBAND, PacketHeader};

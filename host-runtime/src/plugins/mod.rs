@@ -769,16 +769,19 @@ impl Plugins {
                 .iter()
                 .any(|m| m.worlds.contains(&World::FreezeHook))
         {
-            let planned = config.vss.policy.compile().map_err(|e| {
-                PluginSetupError::User(format!("[vss.policy]: {e}"))
-            })?;
+            let planned = config
+                .vss
+                .policy
+                .compile()
+                .map_err(|e| PluginSetupError::User(format!("[vss.policy]: {e}")))?;
             match hvisd_vss::system::read_mounts() {
                 Ok(mounts) => {
                     let plan = hvisd_vss::plan(&mounts, &planned);
-                    grant_problems
-                        .extend(grants::hooks_writing_to_frozen(&config.plugin, &plan));
+                    grant_problems.extend(grants::hooks_writing_to_frozen(&config.plugin, &plan));
                 }
-                Err(e) => tracing::warn!("cannot read the mount table to check freeze hooks' directories: {e}"),
+                Err(e) => tracing::warn!(
+                    "cannot read the mount table to check freeze hooks' directories: {e}"
+                ),
             }
         }
         for m in &config.plugin {

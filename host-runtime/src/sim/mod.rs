@@ -8,8 +8,8 @@ mod channel_actions;
 mod hostile_actions;
 mod ic_actions;
 mod kvp_actions;
-mod vss_actions;
 mod script;
+mod vss_actions;
 
 pub use script::{Action, Script, ScriptError};
 
@@ -174,6 +174,17 @@ impl HostSimulator {
         transcript
     }
 
+    /// [`HostSimulator::act`] behind a box, for actions nested in others (`backup`'s `during`).
+    fn act_boxed<'a>(
+        &'a mut self,
+        action: &'a Action,
+        script: &'a Script,
+        timeout: Duration,
+        entry: &'a mut serde_json::Map<String, Value>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), SimError>> + Send + 'a>> {
+        Box::pin(self.act(action, script, timeout, entry))
+    }
+
     async fn act(
         &mut self,
         action: &Action,
@@ -202,7 +213,7 @@ impl HostSimulator {
             | Action::KvpGetIpInfo { .. }
             | Action::KvpSetIpInfo { .. } => self.act_kvp(action, timeout, entry).await,
             Action::Backup { .. } | Action::VssOp { .. } => {
-                self.act_vss(action, timeout, entry).await
+                self.act_vss(action, script, timeout, entry).await
             }
         }
     }

@@ -181,6 +181,14 @@ pub enum Action {
         /// veto, a policy refusal...). A failed FREEZE is not followed by THAW.
         #[serde(default = "expect_ok")]
         expect: String,
+        /// Actions run while frozen, after the FREEZE answer and before the pause (e.g. a
+        /// `kvp_set` the guest must answer at once). Their entries are in `during`.
+        #[serde(default)]
+        during: Vec<Action>,
+        /// A file the host creates once the FREEZE is answered `HV_S_OK` (before `during`),
+        /// so a test can act while the file systems are frozen.
+        #[serde(default)]
+        mark: Option<std::path::PathBuf>,
     },
     /// One VSS operation (by name, e.g. `freeze`, or number), its status reported.
     VssOp {

@@ -43,6 +43,7 @@ impl HostSimulator {
     pub(super) async fn act_vss(
         &mut self,
         action: &Action,
+        script: &Script,
         timeout: Duration,
         entry: &mut serde_json::Map<String, Value>,
     ) -> Result<(), SimError> {
@@ -62,6 +63,8 @@ impl HostSimulator {
                 pause_ms,
                 thaw,
                 expect,
+                during,
+                mark,
             } => {
                 let want_ok = match expect.as_str() {
                     "ok" => true,
@@ -97,15 +100,40 @@ impl HostSimulator {
                 if !froze {
                     return Ok(());
                 }
+                if let Some(mark) = mark {
+                    std::fs::write(mark, b"frozen\n").map_err(|e| {
+                        SimError::BadArgument(format!("backup mark {}: {e}", mark.display()))
+                    })?;
+                }
+                let mut nested = Vec::new();
+                let mut nested_ok = true;
+                for (i, a) in during.iter().enumerate() {
+                    let started = std::time::Instant::now();
+                    let mut e = serde_json::Map::new();
+                    e.insert("step".into(), json!(i + 1));
+                    e.insert("action".into(), json!(a.kind()));
+                    let r = self.act_boxed(a, script, timeout, &mut e).await;
+                    e.insert(
+                        "elapsed_us".into(),
+                        json!(started.elapsed().as_micros() as u64),
+                    );
+                    e.insert("ok".into(), json!(r.is_ok()));
+                    if let Err(err) = r {
+                        nested_ok = false;
+                        e.insert("error".into(), json!(err.to_string()));
+                    }
+                    nested.push(Value::Object(e));
+                }
+                if !during.is_empty() {
+                    entry.insert("during".into(), Value::Array(nested));
+                }
                 tokio::time::sleep(Duration::from_millis(*pause_ms)).await;
                 entry.insert("paused_ms".into(), json!(pause_ms));
                 if !*thaw {
                     entry.insert("thaw".into(), json!("not sent"));
                     return Ok(());
                 }
-                let (status, _, took) = self
-                    .vss_request(name, VssOperation::THAW, timeout)
-                    .await?;
+                let (status, _, took) = self.vss_request(name, VssOperation::THAW, timeout).await?;
                 entry.insert(
                     "thaw".into(),
                     json!({"status": status_json(status), "us": took.as_micros() as u64}),
@@ -119,6 +147,11 @@ impl HostSimulator {
                         "THAW answered {}",
                         status_json(status)
                     )));
+                }
+                if !nested_ok {
+                    return Err(SimError::BadReply(
+                        "an action during the freeze failed".into(),
+                    ));
                 }
                 Ok(())
             }

@@ -154,7 +154,10 @@ fn ms(d: Duration) -> f64 {
 impl VssCore {
     /// The service for `config`, holding KVP writes through `kvp` while frozen. First thaws what
     /// a killed hvisd left frozen (from the journal). Call inside a tokio runtime.
-    pub fn new(config: &VssSection, kvp: Option<PoolHandle>) -> Result<Arc<VssCore>, VssSetupError> {
+    pub fn new(
+        config: &VssSection,
+        kvp: Option<PoolHandle>,
+    ) -> Result<Arc<VssCore>, VssSetupError> {
         let policy = config.policy.compile()?;
         let backend: Arc<dyn FreezeBackend> = if config.dry_run.unwrap_or(false) {
             Arc::new(freezer::DryRun)
@@ -259,15 +262,17 @@ impl VssCore {
             .iter()
             .map(|p| PluginMount {
                 path: p.mount.name(),
-                fs_type: hvisd_vss::mount::escape_name(
-                    std::os::unix::ffi::OsStrExt::as_bytes(p.mount.fs_type.as_os_str()),
-                ),
+                fs_type: hvisd_vss::mount::escape_name(std::os::unix::ffi::OsStrExt::as_bytes(
+                    p.mount.fs_type.as_os_str(),
+                )),
                 device: p.mount.device.to_string(),
             })
             .collect();
         match plugins.freeze_plan(&offered).await {
             None => Ok(plan),
-            Some(Ok(order)) => hvisd_vss::narrow(plan, &order).map_err(|e| format!("freeze policy plugin: {e}")),
+            Some(Ok(order)) => {
+                hvisd_vss::narrow(plan, &order).map_err(|e| format!("freeze policy plugin: {e}"))
+            }
             Some(Err(reason)) => Err(format!("freeze policy plugin refused: {reason}")),
         }
     }
@@ -411,7 +416,10 @@ impl VssCore {
             // thawed and reported): success as Linux answers it, unless the window ran out.
             crate::log_gate::release();
             return if thawed.watchdog_fired {
-                Err("the frozen window ran out before the THAW; the backup is not consistent".into())
+                Err(
+                    "the frozen window ran out before the THAW; the backup is not consistent"
+                        .into(),
+                )
             } else {
                 Ok(())
             };

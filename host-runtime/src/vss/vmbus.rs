@@ -56,7 +56,8 @@ impl IcService for VssService {
             LinuxAnswer::Kernel { flags, .. } | LinuxAnswer::Daemon { flags, .. } => flags,
         };
         if flags != FlagsAnswer::Unchanged {
-            vss::apply_flags_answer(body, flags).map_err(|e| IcServiceError::malformed("vss", e))?;
+            vss::apply_flags_answer(body, flags)
+                .map_err(|e| IcServiceError::malformed("vss", e))?;
         }
         Ok(status)
     }

@@ -13,10 +13,16 @@
 //! (writes to stdout, stderr and the logging import). Escape attempts answer
 //! `blocked: <error>` when the sandbox held, `ESCAPED: <content>` when not.
 //!
-//! Freeze hooks: a backup id `spin` spins in `pre-freeze` (and `post-thaw`),
-//! `veto` vetoes, `trap` traps, `sleep-N` sleeps N ms then agrees; `post-thaw`
+//! Freeze hooks: a backup id (or, when set, the Guest-pool key
+//! `misbehave.pre-freeze`) `spin` spins in `pre-freeze` (a backup id `spin`
+//! spins in `post-thaw` too), `veto` vetoes, `trap` traps, `sleep-N` sleeps N
+//! ms then agrees; `post-thaw`
 //! writes `misbehave.thawed` = `<backup id> <outcome> pre-freeze-saw=<the
 //! backup id its instance's pre-freeze saw, or nothing>`.
+//!
+//! Freeze policy: the mounts in reverse order; `/refuse` among them refuses,
+//! `/bogus` among them answers a mount it was not offered; the Guest-pool key
+//! `misbehave.plan` = `widen` adds `/etc` to the answer, `refuse` refuses.
 //!
 //! Budgets enforced from outside the engine: `sleep` (parks in a blocking
 //! WASI sleep for an hour), `poll-far` (blocks on a pollable that is never
@@ -267,15 +273,20 @@ static PRE_FREEZE_SAW: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(
 impl FreezeHook for Misbehave {
     fn pre_freeze(ctx: &FreezeContext) -> Result<(), String> {
         *PRE_FREEZE_SAW.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx.backup_id.clone());
-        if let Some(ms) = ctx
-            .backup_id
+        // The Guest-pool key `misbehave.pre-freeze` (if granted and set) overrides the backup id
+        // as the behaviour: a host can choose it with a KVP SET before its backup.
+        let mode = match kvp::get(Pool::Guest, "misbehave.pre-freeze") {
+            Ok(Some(Value::Text(mode))) => mode,
+            _ => ctx.backup_id.clone(),
+        };
+        if let Some(ms) = mode
             .strip_prefix("sleep-")
             .and_then(|ms| ms.parse::<u64>().ok())
         {
             std::thread::sleep(std::time::Duration::from_millis(ms));
             return Ok(());
         }
-        match ctx.backup_id.as_str() {
+        match mode.as_str() {
             "spin" => spin(),
             "veto" => Err("misbehave vetoes".into()),
             "trap" => panic!("misbehave: trap in pre-freeze"),
@@ -304,6 +315,19 @@ impl FreezeHook for Misbehave {
 
 impl FreezePolicy for Misbehave {
     fn plan(mounts: &[Mount]) -> Result<Vec<String>, String> {
+        // The Guest-pool key `misbehave.plan` (if granted and set): `widen` asks for a mount it
+        // was not offered, `refuse` refuses.
+        match kvp::get(Pool::Guest, "misbehave.plan") {
+            Ok(Some(Value::Text(mode))) if mode == "widen" => {
+                let mut all: Vec<String> = mounts.iter().map(|m| m.path.clone()).collect();
+                all.insert(0, "/etc".into());
+                return Ok(all);
+            }
+            Ok(Some(Value::Text(mode))) if mode == "refuse" => {
+                return Err("misbehave refuses (misbehave.plan)".into());
+            }
+            _ => {}
+        }
         if mounts.iter().any(|m| m.path == "/refuse") {
             return Err("misbehave refuses".into());
         }
