@@ -226,8 +226,12 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
     // With a config file the plugins are always set up, so a SIGHUP can add some even if there
     // were none at start.
     let plugins = match &config_path {
-        Some(_) => Some(hvisd::plugins::Plugins::start_always(&config, &services).await?),
-        None => hvisd::plugins::Plugins::start(&config, &services).await?,
+        // Plugins need the KVP pools (their kvp-store import); without KVP only a config that
+        // names plugins is an error.
+        Some(_) if services.kvp_core().is_some() => {
+            Some(hvisd::plugins::Plugins::start_always(&config, &services).await?)
+        }
+        _ => hvisd::plugins::Plugins::start(&config, &services).await?,
     };
     #[cfg(debug_assertions)]
     if let (Some(plugins), Some(test)) = (&plugins, &config.plugins.escape_test) {

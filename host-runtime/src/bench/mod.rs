@@ -2,6 +2,7 @@
 //! with the `bench` feature (`cargo run --release -p hvisd --features bench -- bench ...`), so the
 //! production binary carries neither the benchmark code nor the plugin build helper.
 
+pub mod freeze;
 pub mod kvp;
 pub mod kvp_ops;
 pub mod plugin;
@@ -40,6 +41,20 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 20_000)]
         calls: u32,
     },
+    /// Backups: the frozen window and FREEZE request time through hvisd (one no-op hook, real
+    /// shm channel) against raw FIFREEZE/FITHAW on the same loop-mounted ext4 images, in a
+    /// private mount namespace (needs root).
+    Freeze {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Backups measured (at most 31: the service keeps 32 reports).
+        #[arg(long, default_value_t = 30)]
+        rounds: usize,
+        /// File systems frozen per backup.
+        #[arg(long, default_value_t = 4)]
+        mounts: usize,
+    },
     /// KVP: SET, GET and ENUMERATE on the kernel protocol against Debian's hv_kvp_daemon (both as
     /// processes, pinned to one CPU with the harness), then enumeration latency over shm, the
     /// kernel protocol and the codec, with and without plugin keys.
@@ -71,6 +86,16 @@ pub fn run(command: BenchCommand) -> Result<()> {
             ring_size,
             placement,
         } => ring(json, repeats, ring_size, placement.as_deref()),
+        BenchCommand::Freeze {
+            json,
+            rounds,
+            mounts,
+        } => {
+            if rounds > 31 {
+                bail!("--rounds: at most 31");
+            }
+            freeze::run(json, rounds, mounts)
+        }
         BenchCommand::Plugin { json, calls } => {
             if calls == 0 {
                 bail!("--calls must be at least 1");

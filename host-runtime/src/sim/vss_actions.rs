@@ -127,7 +127,10 @@ impl HostSimulator {
                 if !during.is_empty() {
                     entry.insert("during".into(), Value::Array(nested));
                 }
-                tokio::time::sleep(Duration::from_millis(*pause_ms)).await;
+                // (A zero-length tokio sleep still waits for the next timer tick.)
+                if *pause_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(*pause_ms)).await;
+                }
                 entry.insert("paused_ms".into(), json!(pause_ms));
                 if !*thaw {
                     entry.insert("thaw".into(), json!("not sent"));

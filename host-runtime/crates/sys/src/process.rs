@@ -125,6 +125,23 @@ pub fn unshare_network() -> std::io::Result<()> {
         .map_err(std::io::Error::from)
 }
 
+/// Moves the calling process (it must still be single-threaded: the kernel refuses a new mount
+/// namespace to a thread that shares its file-system context) into a private copy of the mount
+/// namespace, with every mount's propagation made private: mounts made from now on by this
+/// process and its children are invisible outside, and vanish with the last of them. Needs
+/// `CAP_SYS_ADMIN`. For `hvisd sim` and `hvisd bench freeze`, which loop-mount images of their own.
+pub fn unshare_mount_namespace() -> std::io::Result<()> {
+    // SAFETY: only CLONE_NEWNS (which implies CLONE_FS): the descriptor table, memory and
+    // credentials are untouched, so no Rust invariant about shared descriptors can break.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
+        .map_err(std::io::Error::from)?;
+    rustix::mount::mount_change(
+        "/",
+        rustix::mount::MountPropagationFlags::PRIVATE | rustix::mount::MountPropagationFlags::REC,
+    )
+    .map_err(std::io::Error::from)
+}
+
 /// Debug builds only (the compromised-worker test): `ptrace(PTRACE_ATTACH, pid)`.
 #[cfg(debug_assertions)]
 pub fn ptrace_attach(pid: rustix::process::Pid) -> std::io::Result<()> {

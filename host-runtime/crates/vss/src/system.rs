@@ -76,6 +76,8 @@ pub fn read_mounts_from(mountinfo_path: &Path, sysfs: &Path) -> Result<Vec<Mount
         path: mountinfo_path.to_owned(),
         error,
     })?;
+    // Bind mounts repeat a device many times: ask sysfs once per device.
+    let mut loop_devices = std::collections::HashMap::new();
     Ok(infos
         .iter()
         .map(|info| {
@@ -86,7 +88,9 @@ pub fn read_mounts_from(mountinfo_path: &Path, sysfs: &Path) -> Result<Vec<Mount
             // device number is the block device's for every block file system except btrfs,
             // whose direct loop devices the source name (/dev/loopN) gives away.
             if !m.loop_backed && m.source.as_bytes().starts_with(b"/dev/") {
-                m.loop_backed = loop_backed_in_sysfs(m.device, sysfs);
+                m.loop_backed = *loop_devices
+                    .entry(m.device)
+                    .or_insert_with(|| loop_backed_in_sysfs(m.device, sysfs));
             }
             m
         })
