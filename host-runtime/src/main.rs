@@ -189,7 +189,14 @@ async fn stop_signal() -> Result<()> {
 
 async fn run(transport: &str, config: Config, config_path: Option<PathBuf>) -> Result<()> {
     let kvp_device = config.kvp.device.clone();
-    let services = Services::new(config.clone())?;
+    let (kind, rest) = transport.split_once(':').unwrap_or((transport, ""));
+    let hvsock = hvisd::hvsock::Hvsock::new(hvsock_acceptor(&config), config.hvsock.options());
+    if kind == "shm" && !rest.is_empty() {
+        hvsock.set_connector(hvisd::hvsock::Connector::Shm {
+            root: PathBuf::from(rest),
+        });
+    }
+    let services = Services::new(config.clone())?.with_hvsock(hvsock.clone());
     // With a config file the plugins are always set up, so a SIGHUP can add some even if there
     // were none at start.
     let plugins = match &config_path {
@@ -204,7 +211,16 @@ async fn run(transport: &str, config: Config, config_path: Option<PathBuf>) -> R
         tokio::spawn(reload_on_sighup(plugins, path));
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (kind, rest) = transport.split_once(':').unwrap_or((transport, ""));
+    let _listeners = hvisd::hvsock::start_listeners(&hvsock, &config.hvsock, &stop_rx)?;
+    #[cfg(debug_assertions)]
+    if let Some(test) = &config.hvsock.test
+        && !test.connect.is_empty()
+    {
+        tokio::spawn(hvisd::hvsock::echo::run_test_connects(
+            hvsock.clone(),
+            test.connect.clone(),
+        ));
+    }
     let serve = async {
         match kind {
             "kernel" => {
@@ -265,6 +281,19 @@ async fn run(transport: &str, config: Config, config_path: Option<PathBuf>) -> R
             }
         }
     }
+}
+
+/// What accepts host-initiated hvsock connections. The plugin broker will; until then only debug
+/// builds have one, the test echo (`[hvsock.test] echo = true`).
+fn hvsock_acceptor(
+    #[allow(unused_variables)] config: &Config,
+) -> Option<std::sync::Arc<dyn hvisd::hvsock::HvsockAcceptor>> {
+    #[cfg(debug_assertions)]
+    if config.hvsock.test.as_ref().is_some_and(|t| t.echo) {
+        tracing::warn!("hvsock: test echo acceptor (debug build)");
+        return Some(std::sync::Arc::new(hvisd::hvsock::echo::EchoAcceptor));
+    }
+    None
 }
 
 /// Debug builds: runs the compromised-worker test of the config and writes its report.

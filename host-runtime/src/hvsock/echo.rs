@@ -32,3 +32,50 @@ impl HvsockAcceptor for EchoAcceptor {
         });
     }
 }
+
+/// Makes the debug config's test connects, one after the other, and logs each outcome as
+/// `hvsock test connect to SERVICE: ...` (the end-to-end tests read the log).
+#[cfg(debug_assertions)]
+pub async fn run_test_connects(
+    hvsock: super::Hvsock,
+    connects: Vec<crate::config::HvsockTestConnect>,
+) {
+    use tokio::io::AsyncReadExt;
+    for spec in connects {
+        let Some(service_id) = super::unix::parse_service(&spec.service) else {
+            tracing::error!(
+                "hvsock test connect: {:?} is not a service GUID or port",
+                spec.service
+            );
+            continue;
+        };
+        let sent = spec.text.repeat(spec.repeat).into_bytes();
+        let outcome = async {
+            let stream = hvsock.connect(service_id).await?;
+            let (mut rx, mut tx) = stream.into_split();
+            let writer = async {
+                tx.write_all(&sent).await?;
+                tx.shutdown().await
+            };
+            let mut got = Vec::new();
+            let (w, r) = tokio::join!(writer, rx.read_to_end(&mut got));
+            w?;
+            r?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(got)
+        }
+        .await;
+        match outcome {
+            Ok(got) => tracing::info!(
+                "hvsock test connect to {service_id}: sent {} bytes, received {} bytes, {}",
+                sent.len(),
+                got.len(),
+                if got == sent {
+                    "echo ok"
+                } else {
+                    "echo mismatch"
+                }
+            ),
+            Err(e) => tracing::warn!("hvsock test connect to {service_id} failed: {e}"),
+        }
+    }
+}

@@ -269,6 +269,51 @@ impl HvsockAcceptor for tokio::sync::mpsc::Sender<(Guid, HvsockStream)> {
     }
 }
 
+/// Starts the local listeners `[hvsock]` configures (the Unix stand-in, AF_VSOCK ports), each
+/// handing its connections to `hvsock`'s acceptor until `stop`. Without an acceptor nothing is
+/// started (logged once): a listener would only refuse.
+pub fn start_listeners(
+    hvsock: &Hvsock,
+    config: &crate::config::HvsockSection,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> io::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    if config.unix_listen.is_none() && config.vsock_listen_ports.is_empty() {
+        return Ok(tasks);
+    }
+    if !hvsock.has_acceptor() {
+        tracing::warn!(
+            "[hvsock] listeners are configured but nothing accepts hvsock connections yet (no broker); not listening"
+        );
+        return Ok(tasks);
+    }
+    if let Some(path) = &config.unix_listen {
+        let listener = unix::bind(path).map_err(io::Error::other)?;
+        tracing::info!(socket = %path.display(), "hvsock Unix stand-in listening");
+        tasks.push(tokio::spawn(unix::serve(
+            listener,
+            hvsock.clone(),
+            stop.clone(),
+        )));
+    }
+    for &port in &config.vsock_listen_ports {
+        let listener = vsock::bind(vsock::VMADDR_CID_ANY, port).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("hvsock: listening on vsock port {port}: {e}"),
+            )
+        })?;
+        tracing::info!(port, "hvsock listening on AF_VSOCK");
+        tasks.push(tokio::spawn(vsock::serve(
+            listener,
+            port,
+            hvsock.clone(),
+            stop.clone(),
+        )));
+    }
+    Ok(tasks)
+}
+
 /// Why a guest-initiated connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

@@ -6,6 +6,7 @@
 
 mod channel_actions;
 mod hostile_actions;
+mod hvsock_actions;
 mod ic_actions;
 mod kvp_actions;
 mod script;
@@ -108,6 +109,8 @@ struct HostChannel {
 pub struct HostSimulator {
     root: PathBuf,
     channels: HashMap<String, HostChannel>,
+    /// hvsock connections kept open (`close: false`) and services listened on.
+    hvsock: hvsock_actions::HostHvsock,
 }
 
 impl HostSimulator {
@@ -116,6 +119,7 @@ impl HostSimulator {
         Self {
             root: root.to_owned(),
             channels: HashMap::new(),
+            hvsock: Default::default(),
         }
     }
 
@@ -199,6 +203,9 @@ impl HostSimulator {
             | Action::KvpEnumerate { .. }
             | Action::KvpGetIpInfo { .. }
             | Action::KvpSetIpInfo { .. } => self.act_kvp(action, timeout, entry).await,
+            Action::HvsockConnect { .. }
+            | Action::HvsockListen { .. }
+            | Action::HvsockWait { .. } => self.act_hvsock(action, script, timeout, entry).await,
         }
     }
 
