@@ -104,6 +104,7 @@ pub struct HvsockTestConnect {
     pub repeat: usize,
 }
 
+#[cfg(debug_assertions)]
 fn one() -> usize {
     1
 }

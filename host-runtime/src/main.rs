@@ -291,7 +291,9 @@ fn hvsock_acceptor(
     #[cfg(debug_assertions)]
     if config.hvsock.test.as_ref().is_some_and(|t| t.echo) {
         tracing::warn!("hvsock: test echo acceptor (debug build)");
-        return Some(std::sync::Arc::new(hvisd::hvsock::echo::EchoAcceptor));
+        return Some(std::sync::Arc::new(
+            hvisd::hvsock::echo::EchoAcceptor::default(),
+        ));
     }
     None
 }

@@ -4,19 +4,49 @@
 
 use super::{HvsockAcceptor, HvsockStream};
 use hvisd_protocol::guid::Guid;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Echoes each connection: copies what it reads back (through a bounded 8 KiB buffer), sends
-/// its FIN once the peer's arrives, and logs the outcome.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct EchoAcceptor;
+/// Echoes each connection: copies what it reads back through one buffer (8 KiB by default),
+/// sends its FIN once the peer's arrives, and logs the outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct EchoAcceptor {
+    buffer: usize,
+}
+
+impl Default for EchoAcceptor {
+    fn default() -> Self {
+        Self::with_buffer(8 << 10)
+    }
+}
+
+impl EchoAcceptor {
+    /// An echo that reads and writes up to `buffer` bytes at a time.
+    pub fn with_buffer(buffer: usize) -> Self {
+        Self {
+            buffer: buffer.max(1),
+        }
+    }
+}
 
 impl HvsockAcceptor for EchoAcceptor {
     fn accept(&self, service_id: Guid, stream: HvsockStream) {
         let label = stream.info().label.clone();
+        let size = self.buffer;
         tokio::spawn(async move {
             let (mut rx, mut tx) = stream.into_split();
-            let copied = tokio::io::copy(&mut rx, &mut tx).await;
+            let copied = async {
+                let mut buf = vec![0u8; size];
+                let mut total = 0u64;
+                loop {
+                    let n = rx.read(&mut buf).await?;
+                    if n == 0 {
+                        return Ok::<_, std::io::Error>(total);
+                    }
+                    tx.write_all(&buf[..n]).await?;
+                    total += n as u64;
+                }
+            }
+            .await;
             let result = match copied {
                 Ok(n) => tx.shutdown().await.map(|()| n),
                 Err(e) => Err(e),
@@ -40,7 +70,6 @@ pub async fn run_test_connects(
     hvsock: super::Hvsock,
     connects: Vec<crate::config::HvsockTestConnect>,
 ) {
-    use tokio::io::AsyncReadExt;
     for spec in connects {
         let Some(service_id) = super::unix::parse_service(&spec.service) else {
             tracing::error!(

@@ -220,7 +220,8 @@ pub struct PipeMonitor {
 }
 
 impl PipeStream {
-    /// Wraps an open pipe channel (either role) and returns the stream with its monitor.
+    /// Wraps an open pipe channel (either role) and returns the stream with its monitor. Keep
+    /// the monitor for as long as the stream is in use: dropping it closes the connection.
     pub fn new(channel: Channel) -> (Self, PipeMonitor) {
         let label = channel.label().to_owned();
         let (rx, tx) = channel.into_split();
