@@ -5,11 +5,13 @@
 //! lives in `hvisd-ring`; this layer adds waiting: blocking on the doorbell when the incoming ring is
 //! empty or the outgoing ring is full, with the re-check that closes the race against the peer.
 
-use crate::doorbell::{Doorbell, DoorbellError};
+use crate::doorbell::{Doorbell, DoorbellError, Half, SharedDoorbell};
 use hvisd_ring::{
-    MappedRing, PacketHeader, RingError, RingReader, RingWriter, SharedMapping, WriteError,
+    IncomingPacket, MappedRing, PacketHeader, PacketMeta, ReadBatch, RingError, RingReader,
+    RingWriter, SharedMapping, WriteBatch, WriteError,
 };
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 /// Which end of the channel this process plays. It decides which half of the ring file is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,20 +167,36 @@ impl Channel {
     }
 
     fn doorbell_err(&self, e: DoorbellError) -> ChannelError {
-        match e {
-            DoorbellError::Closed => ChannelError::Closed {
-                channel: self.label.clone(),
-            },
-            DoorbellError::Io(source) => ChannelError::Doorbell {
-                channel: self.label.clone(),
-                source,
-            },
-        }
+        doorbell_error(&self.label, e)
     }
 
     fn signal(&mut self) -> Result<(), ChannelError> {
         self.stats.signals_out += 1;
         self.doorbell.signal().map_err(|e| self.doorbell_err(e))
+    }
+
+    /// Splits the channel into a receiving and a sending half that can be used at the same time
+    /// from different tasks (hvsock streams). Each half owns its ring end, so the ring code's
+    /// invariants hold as before (one owner per index, every index read once per batch); they
+    /// share the doorbell through a [`SharedDoorbell`], which makes sure an interrupt consumed
+    /// by one half is seen by the other.
+    pub fn into_split(self) -> (RecvHalf, SendHalf) {
+        let bell = Arc::new(SharedDoorbell::new(self.doorbell));
+        let label: Arc<str> = self.label.into();
+        (
+            RecvHalf {
+                reader: self.rings.reader,
+                bell: bell.clone(),
+                label: label.clone(),
+                peer_closed: false,
+            },
+            SendHalf {
+                writer: self.rings.writer,
+                bell,
+                label,
+                pending: false,
+            },
+        )
     }
 
     /// Interrupts the peer without sending anything (it re-checks the rings). Used by hosts that
@@ -310,5 +328,250 @@ fn ring_error(label: &str, source: RingError) -> ChannelError {
     match source {
         RingError::Broken { .. } => ChannelError::RingGone { channel, source },
         source => ChannelError::Ring { channel, source },
+    }
+}
+
+fn doorbell_error(label: &str, e: DoorbellError) -> ChannelError {
+    match e {
+        DoorbellError::Closed => ChannelError::Closed {
+            channel: label.to_owned(),
+        },
+        DoorbellError::Io(source) => ChannelError::Doorbell {
+            channel: label.to_owned(),
+            source,
+        },
+    }
+}
+
+/// What a packet handler wants next from [`RecvHalf::poll_recv`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Hand over the next packet of the batch, if any.
+    Continue,
+    /// Stop after this packet (it is consumed) and return.
+    Stop,
+}
+
+/// A packet of the current receive batch: its descriptor fields, and its payload still in the
+/// ring, to be copied out (whole or in parts) with [`PacketRef::copy_payload`].
+pub struct PacketRef<'b, 'r> {
+    batch: &'b ReadBatch<'r, MappedRing>,
+    packet: &'b IncomingPacket,
+    label: &'b str,
+}
+
+impl PacketRef<'_, '_> {
+    /// The descriptor's fields, read once and validated by the ring.
+    pub fn meta(&self) -> PacketMeta {
+        self.packet.meta
+    }
+
+    /// Copies `dst.len()` payload bytes starting `from` bytes into the payload out of the ring.
+    pub fn copy_payload(&self, from: usize, dst: &mut [u8]) -> Result<(), ChannelError> {
+        self.batch
+            .read_payload(self.packet, from, dst)
+            .map_err(|e| ring_error(self.label, e))
+    }
+}
+
+/// The receiving half of a split [`Channel`]: reads the incoming ring, waits on the shared
+/// doorbell, signals the writer when its `pending_send_sz` is crossed.
+pub struct RecvHalf {
+    reader: RingReader<MappedRing>,
+    bell: Arc<SharedDoorbell>,
+    label: Arc<str>,
+    /// The peer closed the doorbell: what it published before is still delivered, then
+    /// [`ChannelError::Closed`].
+    peer_closed: bool,
+}
+
+impl RecvHalf {
+    /// The channel's label.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The doorbell this half shares with its [`SendHalf`].
+    pub fn doorbell(&self) -> &Arc<SharedDoorbell> {
+        &self.bell
+    }
+
+    /// Hands packets to `on_packet` in ring order until it says [`Flow::Stop`] or the packets
+    /// published so far are used up, then returns the consumed space to the ring with one
+    /// `read_index` store (and signals the writer if that crossed its `pending_send_sz`).
+    ///
+    /// Ready once at least one packet was handed over; when the ring is empty, waits: unmask,
+    /// look once more, then sleep on the doorbell (Linux `hv_end_read`). An error from
+    /// `on_packet` is returned at once and the batch is not committed. Once the peer has closed
+    /// the doorbell and everything it published has been handed over, the result is
+    /// [`ChannelError::Closed`].
+    pub fn poll_recv<E: From<ChannelError>>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut on_packet: impl FnMut(PacketRef<'_, '_>) -> Result<Flow, E>,
+    ) -> Poll<Result<(), E>> {
+        loop {
+            // Masked while we drain: the peer need not interrupt us for packets we are about
+            // to see anyway.
+            self.reader.set_interrupt_mask(true);
+            let label = &*self.label;
+            let mut handed = 0usize;
+            let signal_writer = {
+                let mut batch = match self.reader.begin() {
+                    Ok(batch) => batch,
+                    Err(e) => return Poll::Ready(Err(ring_error(label, e).into())),
+                };
+                loop {
+                    let packet = match batch.next() {
+                        Ok(Some(packet)) => packet,
+                        Ok(None) => break,
+                        Err(e) => return Poll::Ready(Err(ring_error(label, e).into())),
+                    };
+                    handed += 1;
+                    let flow = on_packet(PacketRef {
+                        batch: &batch,
+                        packet: &packet,
+                        label,
+                    });
+                    match flow {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Stop) => break,
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+                batch.commit()
+            };
+            if signal_writer {
+                match self.bell.signal() {
+                    Ok(()) => {}
+                    // Still deliver what the peer published before it went.
+                    Err(DoorbellError::Closed) => self.peer_closed = true,
+                    Err(e) => return Poll::Ready(Err(doorbell_error(label, e).into())),
+                }
+            }
+            if handed > 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if self.peer_closed {
+                return Poll::Ready(Err(ChannelError::Closed {
+                    channel: label.to_owned(),
+                }
+                .into()));
+            }
+            // Empty: read the epoch, unmask, look once more (the peer may have published between
+            // our look and the unmask and, seeing the mask, not signalled), then sleep.
+            let seen = self.bell.epoch();
+            match self.reader.unmask_and_check() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => return Poll::Ready(Err(ring_error(label, e).into())),
+            }
+            match self.bell.poll_interrupt(cx, Half::Reader, seen) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) => {}
+                // One last look at the ring before reporting the close.
+                Poll::Ready(Err(DoorbellError::Closed)) => self.peer_closed = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(doorbell_error(label, e).into())),
+            }
+        }
+    }
+}
+
+/// The sending half of a split [`Channel`]: writes the outgoing ring, waits for space with
+/// `pending_send_sz` exactly as the spec says.
+pub struct SendHalf {
+    writer: RingWriter<MappedRing>,
+    bell: Arc<SharedDoorbell>,
+    label: Arc<str>,
+    /// `pending_send_sz` is set and must be cleared once we have written.
+    pending: bool,
+}
+
+impl SendHalf {
+    /// The channel's label.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The largest payload one packet can carry in the outgoing ring.
+    pub fn max_payload_len(&self) -> usize {
+        self.writer.max_payload_len()
+    }
+
+    /// Bytes of the outgoing ring's data area.
+    pub fn ring_data_len(&self) -> usize {
+        self.writer.data_len()
+    }
+
+    /// The doorbell this half shares with its [`RecvHalf`].
+    pub fn doorbell(&self) -> &Arc<SharedDoorbell> {
+        &self.bell
+    }
+
+    /// One attempt of [`SendHalf::poll_send`] that never waits: `Ok(None)` if `fill` found no
+    /// room. Leaves `pending_send_sz` alone.
+    pub fn try_send<R>(
+        &mut self,
+        mut fill: impl FnMut(&mut WriteBatch<'_, MappedRing>) -> Option<R>,
+    ) -> Result<Option<R>, ChannelError> {
+        let label = &*self.label;
+        let (written, signal_reader) = {
+            let mut batch = self.writer.begin().map_err(|e| ring_error(label, e))?;
+            let written = fill(&mut batch);
+            (written, batch.commit())
+        };
+        if signal_reader {
+            self.bell.signal().map_err(|e| doorbell_error(label, e))?;
+        }
+        Ok(written)
+    }
+
+    /// Writes packets with `fill`, which gets a batch and returns `Some` once it wrote what it
+    /// could, or `None` if not even its smallest acceptable packet fits. The batch is published
+    /// with one `write_index` store and the reader signalled if the ring was empty and unmasked.
+    ///
+    /// When `fill` returns `None`, waits for space as the spec prescribes: sets `pending_send_sz`
+    /// to `wanted` (the ring bytes, `8 * len8 + 8`, of the packet it wants to write next; `fill`
+    /// must succeed whenever more than `wanted` bytes are free), re-checks the free space, and
+    /// sleeps on the doorbell only if it is still short; `pending_send_sz` is cleared once
+    /// `fill` has written.
+    pub fn poll_send<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        wanted: usize,
+        mut fill: impl FnMut(&mut WriteBatch<'_, MappedRing>) -> Option<R>,
+    ) -> Poll<Result<R, ChannelError>> {
+        loop {
+            if let Some(written) = self.try_send(&mut fill)? {
+                if self.pending {
+                    self.writer.set_pending_send_size(0);
+                    self.pending = false;
+                }
+                return Poll::Ready(Ok(written));
+            }
+            let label = &*self.label;
+            if self.bell.is_closed() {
+                return Poll::Ready(Err(ChannelError::Closed {
+                    channel: label.to_owned(),
+                }));
+            }
+            // Read the epoch first: an interrupt consumed after this (by either half) makes the
+            // wait below return at once.
+            let seen = self.bell.epoch();
+            // `wanted` is at most a packet of this ring (64 MiB): fits u32.
+            self.writer
+                .set_pending_send_size(u32::try_from(wanted).unwrap_or(u32::MAX));
+            self.pending = true;
+            match self.writer.free_space() {
+                Ok(free) if free > wanted => continue,
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(ring_error(label, e))),
+            }
+            match self.bell.poll_interrupt(cx, Half::Writer, seen) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(doorbell_error(label, e))),
+            }
+        }
     }
 }

@@ -30,6 +30,86 @@ pub struct Config {
     /// One table per plugin (`[[plugin]]`): see `hvisd_plugin_host::manifest`.
     #[serde(default)]
     pub plugin: Vec<hvisd_plugin_host::PluginManifest>,
+    /// hvsock: connect timeout, the Unix stand-in, AF_VSOCK listeners.
+    #[serde(default)]
+    pub hvsock: HvsockSection,
+}
+
+/// `[hvsock]`: how hvsock connections are made and where the local listeners are. Pipe offers
+/// from the host are served only once something accepts connections (the plugin broker).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HvsockSection {
+    /// How long a guest-initiated connect waits for the host's reply and offer, in ms.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// The Unix-socket stand-in for local development: a stream socket (created mode 0600)
+    /// whose connections, after a first line naming the service (GUID or vsock port), reach
+    /// the acceptor as host-initiated ones.
+    #[serde(default)]
+    pub unix_listen: Option<PathBuf>,
+    /// AF_VSOCK ports to listen on (a guest whose kernel runs `hv_sock`); port P is the
+    /// service `P-facb-11e6-bd58-64006a7986d3`.
+    #[serde(default)]
+    pub vsock_listen_ports: Vec<u32>,
+    /// Debug builds only (release builds refuse the key): a test echo acceptor and test
+    /// connects, for the end-to-end tests before a broker exists.
+    #[cfg(debug_assertions)]
+    #[serde(default)]
+    pub test: Option<HvsockTest>,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    crate::hvsock::DEFAULT_CONNECT_TIMEOUT.as_millis() as u64
+}
+
+impl Default for HvsockSection {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("an empty [hvsock] table is valid"))
+    }
+}
+
+impl HvsockSection {
+    /// The hvsock layer's options.
+    pub fn options(&self) -> crate::hvsock::HvsockOptions {
+        crate::hvsock::HvsockOptions {
+            connect_timeout: std::time::Duration::from_millis(self.connect_timeout_ms),
+        }
+    }
+}
+
+/// `[hvsock.test]` (debug builds): see [`HvsockSection::test`].
+#[cfg(debug_assertions)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HvsockTest {
+    /// Echo every host-initiated (and stand-in) connection.
+    #[serde(default)]
+    pub echo: bool,
+    /// Guest-initiated connections made once the runtime runs; each outcome is logged
+    /// (`hvsock test connect ...`).
+    #[serde(default)]
+    pub connect: Vec<HvsockTestConnect>,
+}
+
+/// One test connect (debug builds).
+#[cfg(debug_assertions)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HvsockTestConnect {
+    /// The service: a GUID or a vsock port.
+    pub service: String,
+    /// Text sent, `repeat` times, then the FIN; the reply is read to its end and compared.
+    #[serde(default)]
+    pub text: String,
+    /// How many times `text` is sent.
+    #[serde(default = "one")]
+    pub repeat: usize,
+}
+
+#[cfg(debug_assertions)]
+fn one() -> usize {
+    1
 }
 
 /// `[plugins]`: settings shared by every plugin.
@@ -452,6 +532,13 @@ impl Config {
                 why: "must be at least 1",
             });
         }
+        if config.hvsock.connect_timeout_ms == 0 || config.hvsock.connect_timeout_ms > 600_000 {
+            return Err(ConfigError::Invalid {
+                path: origin.to_owned(),
+                field: "hvsock.connect_timeout_ms",
+                why: "must be 1..=600000",
+            });
+        }
         if let Err(errors) = hvisd_plugin_host::manifest::validate_all(&config.plugin) {
             return Err(ConfigError::Plugins {
                 path: origin.to_owned(),
@@ -501,6 +588,30 @@ mod tests {
         assert_eq!(config.kvp.to_kvp_config().pool_dir, Path::new("/tmp/p"));
         let err = Config::parse("[kvp]\nplugin_key_deadline_ms = 0\n", "t.toml").unwrap_err();
         assert!(err.to_string().contains("plugin_key_deadline_ms"), "{err}");
+    }
+
+    #[test]
+    fn hvsock_section_defaults_and_limits() {
+        let config = Config::parse("", "test").unwrap();
+        assert_eq!(
+            config.hvsock.options().connect_timeout,
+            crate::hvsock::DEFAULT_CONNECT_TIMEOUT
+        );
+        let config = Config::parse(
+            "[hvsock]\nconnect_timeout_ms = 100\nunix_listen = \"/tmp/h.sock\"\nvsock_listen_ports = [5000]\n",
+            "test",
+        )
+        .unwrap();
+        assert_eq!(
+            config.hvsock.unix_listen.as_deref(),
+            Some(Path::new("/tmp/h.sock"))
+        );
+        assert_eq!(config.hvsock.vsock_listen_ports, [5000]);
+        let err = Config::parse("[hvsock]\nconnect_timeout_ms = 0\n", "t.toml").unwrap_err();
+        assert!(
+            err.to_string().contains("hvsock.connect_timeout_ms"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -9,6 +9,9 @@ use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFla
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use tokio::io::unix::AsyncFd;
 
 /// Why a doorbell stopped working.
@@ -56,12 +59,7 @@ impl Doorbell {
 
     /// Connects to a host's `doorbell` socket (shm), one connection per channel open.
     pub fn connect(path: &Path) -> io::Result<Self> {
-        let fd = seqpacket_socket()?;
-        let addr = SocketAddrUnix::new(path)?;
-        // A connect on a Unix socket completes at once or fails (EAGAIN when the backlog is full,
-        // which the caller treats as "try the offer again later").
-        rustix::net::connect(&fd, &addr)?;
-        Self::new(fd, DoorbellKind::Seqpacket)
+        Self::new(connect_seqpacket(path)?, DoorbellKind::Seqpacket)
     }
 
     /// Interrupts the peer. Never blocks: when the socket buffer is full the peer already has
@@ -109,6 +107,32 @@ impl Doorbell {
         }
     }
 
+    /// Poll form of [`Doorbell::wait`]: consumes every interrupt already queued (up to a bound)
+    /// and returns ready if there was at least one; pending (with `cx` woken on the next) if none.
+    pub fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<Result<(), DoorbellError>> {
+        loop {
+            let mut guard = match self.fd.poll_read_ready(cx) {
+                Poll::Ready(Ok(guard)) => guard,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(DoorbellError::Io(e))),
+                Poll::Pending => return Poll::Pending,
+            };
+            match self.read_one() {
+                Ok(()) => {
+                    for _ in 0..MAX_COALESCED {
+                        if self.read_one().is_err() {
+                            break;
+                        }
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Err(DoorbellError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready()
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
     fn read_one(&self) -> Result<(), DoorbellError> {
         let mut buf = [0u8; 16];
         let fd = self.fd.get_ref();
@@ -125,6 +149,144 @@ impl Doorbell {
             Err(rustix::io::Errno::CONNRESET) => Err(DoorbellError::Closed),
             Err(e) => Err(DoorbellError::Io(e.into())),
         }
+    }
+}
+
+/// Which half of a split channel is waiting on a [`SharedDoorbell`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Half {
+    /// The half that reads the incoming ring (waits for packets).
+    Reader = 0,
+    /// The half that writes the outgoing ring (waits for space).
+    Writer = 1,
+}
+
+/// One doorbell serving the two halves of a split channel, each possibly in its own task.
+///
+/// An incoming interrupt may mean "packets for the reader" or "space for the writer", and the
+/// socket delivers it once: whichever half consumes it must make the other look at its ring too.
+/// Every consumed batch of interrupts bumps an `epoch`; a half reads the epoch *before* its last
+/// look at the ring, and [`SharedDoorbell::poll_interrupt`] returns at once if the epoch moved
+/// since, so an interrupt consumed by the other half between the look and the sleep is never
+/// lost. The socket's readiness is registered with a waker that wakes both halves (a
+/// descriptor keeps one reader waker; a half-specific one could strand the other half when its
+/// task stops polling).
+#[derive(Debug)]
+pub struct SharedDoorbell {
+    bell: Doorbell,
+    epoch: AtomicU64,
+    closed: AtomicBool,
+    fanout: Arc<Fanout>,
+}
+
+/// The wakers of the halves waiting on a [`SharedDoorbell`]; itself a waker that wakes them all.
+#[derive(Debug, Default)]
+struct Fanout {
+    waiting: Mutex<[Option<Waker>; 2]>,
+}
+
+impl Fanout {
+    fn register(&self, half: Half, waker: &Waker) {
+        let mut slots = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut slots[half as usize] {
+            Some(w) if w.will_wake(waker) => {}
+            slot => *slot = Some(waker.clone()),
+        }
+    }
+
+    fn wake_waiting(&self, except: Option<Half>) {
+        let taken: Vec<Waker> = {
+            let mut slots = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            slots
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| except.is_none_or(|h| h as usize != *i))
+                .filter_map(|(_, slot)| slot.take())
+                .collect()
+        };
+        // Woken outside the lock: a waker may run code that registers again.
+        taken.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl Wake for Fanout {
+    fn wake(self: Arc<Self>) {
+        self.wake_waiting(None);
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wake_waiting(None);
+    }
+}
+
+impl SharedDoorbell {
+    /// Shares `bell` between the two halves of a channel.
+    pub fn new(bell: Doorbell) -> Self {
+        Self {
+            bell,
+            epoch: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            fanout: Arc::default(),
+        }
+    }
+
+    /// Interrupts the peer (see [`Doorbell::signal`]).
+    pub fn signal(&self) -> Result<(), DoorbellError> {
+        self.bell.signal()
+    }
+
+    /// The interrupt epoch: read it before the last look at the ring, pass it to
+    /// [`SharedDoorbell::poll_interrupt`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Whether the peer has closed the doorbell.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Ready once an interrupt has been consumed after `seen` was read (by either half), or
+    /// with [`DoorbellError::Closed`] once the peer closed the doorbell. Spurious readiness is
+    /// possible: the caller re-checks its ring.
+    pub fn poll_interrupt(
+        &self,
+        cx: &mut Context<'_>,
+        half: Half,
+        seen: u64,
+    ) -> Poll<Result<(), DoorbellError>> {
+        if self.epoch() != seen {
+            return Poll::Ready(Ok(()));
+        }
+        if self.is_closed() {
+            return Poll::Ready(Err(DoorbellError::Closed));
+        }
+        self.fanout.register(half, cx.waker());
+        // The other half may have consumed an interrupt between the first check and the
+        // registration; it bumps the epoch before it wakes the registered wakers, so one of the
+        // two sees the other.
+        if self.epoch() != seen {
+            return Poll::Ready(Ok(()));
+        }
+        let waker = Waker::from(self.fanout.clone());
+        let mut fanout_cx = Context::from_waker(&waker);
+        match self.bell.poll_wait(&mut fanout_cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(result) => {
+                if matches!(result, Err(DoorbellError::Closed)) {
+                    self.closed.store(true, Ordering::SeqCst);
+                }
+                self.epoch.fetch_add(1, Ordering::SeqCst);
+                self.fanout.wake_waiting(Some(half));
+                Poll::Ready(result)
+            }
+        }
+    }
+
+    /// Wakes both halves (they re-check their rings and any local state, e.g. a close
+    /// requested by the runtime).
+    pub fn wake_all(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.fanout.wake_waiting(None);
     }
 }
 
@@ -169,6 +331,15 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
         SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
         None,
     )?)
+}
+
+/// Connects a non-blocking `SOCK_SEQPACKET` socket to `path` (a host's `doorbell` or `control`).
+/// A connect on a Unix socket completes at once or fails (EAGAIN when the backlog is full,
+/// which callers treat as "try again later").
+pub fn connect_seqpacket(path: &Path) -> io::Result<OwnedFd> {
+    let fd = seqpacket_socket()?;
+    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+    Ok(fd)
 }
 
 fn seqpacket_socket() -> io::Result<OwnedFd> {
@@ -221,6 +392,48 @@ mod tests {
         host.wait().await.unwrap();
         host.signal().unwrap();
         guest.wait().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_interrupt_consumed_by_one_half_wakes_the_other() {
+        use std::future::poll_fn;
+        let (a, b) = seqpacket_pair().unwrap();
+        let a = Doorbell::new(a, DoorbellKind::Seqpacket).unwrap();
+        let shared = Arc::new(SharedDoorbell::new(
+            Doorbell::new(b, DoorbellKind::Seqpacket).unwrap(),
+        ));
+        let seen = shared.epoch();
+        let reader = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                poll_fn(|cx| shared.poll_interrupt(cx, Half::Reader, seen)).await
+            })
+        };
+        let writer = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                poll_fn(|cx| shared.poll_interrupt(cx, Half::Writer, seen)).await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        a.signal().unwrap();
+        let timeout = std::time::Duration::from_secs(5);
+        tokio::time::timeout(timeout, reader)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(timeout, writer)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_ne!(shared.epoch(), seen);
+        drop(a);
+        let seen = shared.epoch();
+        let closed = poll_fn(|cx| shared.poll_interrupt(cx, Half::Reader, seen)).await;
+        assert!(matches!(closed, Err(DoorbellError::Closed)));
+        assert!(shared.is_closed());
     }
 
     #[tokio::test]

@@ -3,7 +3,8 @@
 //! Where a byte from the host goes: a transport ([`transport`]) maps the ring memory and obtains a
 //! doorbell; [`channel`] moves whole packets over `hvisd-ring`; [`services`] hands each packet to the
 //! IC framework (`hvisd-ic`) and a service (heartbeat, shutdown, timesync, KVP); replies travel back
-//! the same way. [`sim`] plays the host for tests and demos.
+//! the same way. hvsock pipes (`pipe=byte` offers) become byte streams ([`hvsock`]) handed to an
+//! acceptor. [`sim`] plays the host for tests and demos.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "bench")]
@@ -11,6 +12,7 @@ pub mod bench;
 pub mod channel;
 pub mod config;
 pub mod doorbell;
+pub mod hvsock;
 pub mod log_gate;
 pub mod offer;
 pub mod plugins;

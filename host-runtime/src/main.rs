@@ -222,7 +222,13 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
         );
         config.vss.dry_run = Some(true);
     }
-    let services = Services::new(config.clone())?;
+    let hvsock = hvisd::hvsock::Hvsock::new(hvsock_acceptor(&config), config.hvsock.options());
+    if kind == "shm" && !rest.is_empty() {
+        hvsock.set_connector(hvisd::hvsock::Connector::Shm {
+            root: PathBuf::from(rest),
+        });
+    }
+    let services = Services::new(config.clone())?.with_hvsock(hvsock.clone());
     // With a config file the plugins are always set up, so a SIGHUP can add some even if there
     // were none at start.
     let plugins = match &config_path {
@@ -244,6 +250,16 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
         tokio::spawn(reload_on_sighup(plugins, path));
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let _listeners = hvisd::hvsock::start_listeners(&hvsock, &config.hvsock, &stop_rx)?;
+    #[cfg(debug_assertions)]
+    if let Some(test) = &config.hvsock.test
+        && !test.connect.is_empty()
+    {
+        tokio::spawn(hvisd::hvsock::echo::run_test_connects(
+            hvsock.clone(),
+            test.connect.clone(),
+        ));
+    }
     let serve = async {
         match kind {
             "kernel" => {
@@ -330,6 +346,21 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
             }
         }
     }
+}
+
+/// What accepts host-initiated hvsock connections. The plugin broker will; until then only debug
+/// builds have one, the test echo (`[hvsock.test] echo = true`).
+fn hvsock_acceptor(
+    #[allow(unused_variables)] config: &Config,
+) -> Option<std::sync::Arc<dyn hvisd::hvsock::HvsockAcceptor>> {
+    #[cfg(debug_assertions)]
+    if config.hvsock.test.as_ref().is_some_and(|t| t.echo) {
+        tracing::warn!("hvsock: test echo acceptor (debug build)");
+        return Some(std::sync::Arc::new(
+            hvisd::hvsock::echo::EchoAcceptor::default(),
+        ));
+    }
+    None
 }
 
 /// Debug builds: runs the compromised-worker test of the config and writes its report.

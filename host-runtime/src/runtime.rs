@@ -11,6 +11,10 @@
 //! within a [`LogBudget`]), and keeps state only for offers that are present.
 
 use crate::channel::{Channel, ChannelError};
+use crate::hvsock::{
+    ConnectionInfo, Connector, HvsockStream, HvsockTransport, Initiator, MAX_PIPE_CHANNELS,
+    PipeStream, PipeSummary,
+};
 use crate::services::{ServiceKind, Services};
 use crate::transport::shm::{FoundOffer, ShmError, ShmRoot, ShmWatcher};
 use crate::transport::uio::UioDevice;
@@ -40,6 +44,14 @@ pub enum OpenFailure {
     Fatal(String),
 }
 
+/// What an hvsock pipe offer (`pipe=byte`) says about its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipeOffer {
+    /// `conn_from_host`: `Some(true)` host-initiated, `Some(false)` the answer to a guest's
+    /// connect, `None` absent (refused: the spec requires it on hvsock offers).
+    pub conn_from_host: Option<bool>,
+}
+
 /// One offer a transport found.
 pub trait Candidate {
     /// What identifies this offer: a replaced offer must get a new identity.
@@ -50,6 +62,10 @@ pub trait Candidate {
     fn instance_id(&self) -> Guid;
     /// Opens the guest's end of the channel.
     fn open(&self, label: &str) -> Result<Channel, OpenFailure>;
+    /// `Some` for an hvsock pipe offer (its packets are `vmpipe_proto_header` framed).
+    fn pipe(&self) -> Option<PipeOffer> {
+        None
+    }
 }
 
 /// A malformed offer: what identifies it (so it is logged once), and what is wrong.
@@ -205,6 +221,11 @@ impl Candidate for ShmCandidate {
     fn instance_id(&self) -> Guid {
         self.found.offer.instance_id
     }
+    fn pipe(&self) -> Option<PipeOffer> {
+        (self.found.offer.pipe == crate::offer::PipeMode::Byte).then_some(PipeOffer {
+            conn_from_host: self.found.offer.conn_from_host,
+        })
+    }
     fn open(&self, label: &str) -> Result<Channel, OpenFailure> {
         match self.root.open(&self.found, label) {
             Ok(channel) => Ok(channel),
@@ -275,12 +296,16 @@ impl Candidate for UioDevice {
     }
 }
 
-/// Serves every offer under an shm root until `stop` turns true.
+/// Serves every offer under an shm root until `stop` turns true. Guest-initiated hvsock
+/// connects go through this root's `control` socket unless another connector was set.
 pub async fn run_shm(
     root: ShmRoot,
     services: Services,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    services.hvsock().set_default_connector(Connector::Shm {
+        root: root.path().to_owned(),
+    });
     supervise(ShmSource::new(root), services, stop).await
 }
 
@@ -298,12 +323,31 @@ pub async fn run_uio(
     supervise(source, services, stop).await
 }
 
+/// How a channel's task ended.
+enum ChannelEnd {
+    /// An integration-component channel: the service loop's result.
+    Ic(Result<(), ChannelError>),
+    /// An hvsock pipe: both halves of its stream are gone.
+    Pipe(PipeSummary),
+}
+
+/// The tasks of the open channels: (identity, label, how it ended).
+type ChannelTasks = JoinSet<(String, String, ChannelEnd)>;
+
+/// An open channel.
+struct OpenChannel {
+    label: String,
+    abort: AbortHandle,
+    /// An hvsock pipe (counted against [`MAX_PIPE_CHANNELS`]).
+    pipe: bool,
+}
+
 /// State of the supervision loop that a host's behaviour can grow, each part bounded by what is
 /// present now.
 #[derive(Default)]
 struct Book {
-    /// Open channels: identity -> (label, abort handle).
-    open: HashMap<String, (String, AbortHandle)>,
+    /// Open channels by identity.
+    open: HashMap<String, OpenChannel>,
     /// Offers whose channel ended or cannot be opened: not retried until replaced or rescinded.
     finished: HashSet<String>,
     /// Offers already reported (problem, retry, no service, over the cap).
@@ -321,7 +365,7 @@ pub async fn supervise<S: OfferSource>(
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut book = Book::default();
-    let mut tasks: JoinSet<(String, String, Result<(), ChannelError>)> = JoinSet::new();
+    let mut tasks: ChannelTasks = JoinSet::new();
     let mut budget = LogBudget::new(100, 60);
     let mut scan_failed = false;
     let mut skipped_reported = 0usize;
@@ -339,11 +383,11 @@ pub async fn supervise<S: OfferSource>(
                 let present = step(&scan, &services, &mut book, &mut tasks, &mut budget);
                 // Forget everything about offers that are gone: memory stays bounded by what
                 // exists, and rescinded channels are stopped.
-                book.open.retain(|id, (label, abort)| {
+                book.open.retain(|id, open| {
                     let keep = present.contains(id);
                     if !keep {
-                        abort.abort();
-                        tracing::info!(channel = %label, "offer rescinded; channel closed");
+                        open.abort.abort();
+                        tracing::info!(channel = %open.label, "offer rescinded; channel closed");
                     }
                     keep
                 });
@@ -399,7 +443,7 @@ fn step<O: Candidate>(
     scan: &Scan<O>,
     services: &Services,
     book: &mut Book,
-    tasks: &mut JoinSet<(String, String, Result<(), ChannelError>)>,
+    tasks: &mut ChannelTasks,
     budget: &mut LogBudget,
 ) -> HashSet<String> {
     let mut present = HashSet::with_capacity(scan.offers.len());
@@ -411,7 +455,10 @@ fn step<O: Candidate>(
                 if book.open.contains_key(&id) || book.finished.contains(&id) {
                     continue;
                 }
-                try_open(offer, id, services, book, tasks, budget);
+                match offer.pipe() {
+                    Some(pipe) => try_open_pipe(offer, pipe, id, services, book, tasks, budget),
+                    None => try_open(offer, id, services, book, tasks, budget),
+                }
             }
             Err(problem) => {
                 present.insert(problem.identity.clone());
@@ -431,7 +478,7 @@ fn try_open<O: Candidate>(
     id: String,
     services: &Services,
     book: &mut Book,
-    tasks: &mut JoinSet<(String, String, Result<(), ChannelError>)>,
+    tasks: &mut ChannelTasks,
     budget: &mut LogBudget,
 ) {
     let mut report = |book: &mut Book, line: &dyn Fn(u64)| {
@@ -467,10 +514,17 @@ fn try_open<O: Candidate>(
             let (task_id, task_label) = (id.clone(), label.clone());
             let abort = tasks.spawn(async move {
                 let result = services.serve(kind, channel).await;
-                (task_id, task_label, result)
+                (task_id, task_label, ChannelEnd::Ic(result))
             });
             book.reported.remove(&id);
-            book.open.insert(id, (label, abort));
+            book.open.insert(
+                id,
+                OpenChannel {
+                    label,
+                    abort,
+                    pipe: false,
+                },
+            );
         }
         Err(OpenFailure::Retry(why)) => report(
             book,
@@ -485,17 +539,144 @@ fn try_open<O: Candidate>(
     }
 }
 
+/// Opens an hvsock pipe offer if something waits for it: the acceptor for a host-initiated
+/// connection, or the connect in progress whose endpoint id the offer carries. The channel's
+/// task owns the stream's monitor: it ends when both halves are dropped, and aborting it (the
+/// offer rescinded, the runtime stopping) closes the connection.
+fn try_open_pipe<O: Candidate>(
+    offer: &O,
+    pipe: PipeOffer,
+    id: String,
+    services: &Services,
+    book: &mut Book,
+    tasks: &mut ChannelTasks,
+    budget: &mut LogBudget,
+) {
+    let mut report = |book: &mut Book, line: &dyn Fn(u64)| {
+        if book.reported.insert(id.clone())
+            && let Some(n) = budget.allow()
+        {
+            line(n);
+        }
+    };
+    let hvsock = services.hvsock();
+    let (service_id, endpoint_id) = (offer.class_id(), offer.instance_id());
+    let label = format!("hvsock {service_id} {endpoint_id}");
+    let initiator = match pipe.conn_from_host {
+        Some(true) if hvsock.has_acceptor() => Initiator::Host,
+        Some(true) => {
+            report(
+                book,
+                &|n| tracing::info!(connection = %label, "hvsock pipe offer from the host, but nothing accepts hvsock connections (no broker); leaving it alone{}", suppressed_note(n)),
+            );
+            return;
+        }
+        Some(false) if hvsock.is_pending(&endpoint_id, &service_id) => Initiator::Guest,
+        Some(false) => {
+            report(
+                book,
+                &|n| tracing::warn!(connection = %label, "hvsock pipe offer answers no connect of ours (conn_from_host=0, unknown endpoint or service); leaving it alone{}", suppressed_note(n)),
+            );
+            return;
+        }
+        None => {
+            report(
+                book,
+                &|n| tracing::warn!(connection = %label, "hvsock pipe offer without conn_from_host; refused{}", suppressed_note(n)),
+            );
+            return;
+        }
+    };
+    let pipes = book.open.values().filter(|o| o.pipe).count();
+    let open = book.open.len();
+    if pipes >= MAX_PIPE_CHANNELS || open >= MAX_OPEN_CHANNELS {
+        report(
+            book,
+            &|n| tracing::warn!(connection = %label, "{pipes} hvsock pipes and {open} channels are open (limits {MAX_PIPE_CHANNELS} and {MAX_OPEN_CHANNELS}); not opening this one{}", suppressed_note(n)),
+        );
+        return;
+    }
+    let channel = match offer.open(&label) {
+        Ok(channel) => channel,
+        Err(OpenFailure::Retry(why)) => {
+            report(
+                book,
+                &|n| tracing::info!(connection = %label, "cannot open yet, will retry: {why}{}", suppressed_note(n)),
+            );
+            return;
+        }
+        Err(OpenFailure::Fatal(why)) => {
+            if let Some(n) = budget.allow() {
+                tracing::error!(connection = %label, "cannot open hvsock pipe: {why}{}", suppressed_note(n));
+            }
+            book.finished.insert(id);
+            return;
+        }
+    };
+    let (stream, mut monitor) = PipeStream::new(channel);
+    let stream = HvsockStream::pipe(
+        stream,
+        ConnectionInfo {
+            service_id,
+            endpoint_id: Some(endpoint_id),
+            transport: HvsockTransport::Pipe,
+            initiator,
+            label: label.clone(),
+        },
+    );
+    tracing::info!(connection = %label, initiator = ?initiator, "hvsock connection opened");
+    match initiator {
+        Initiator::Host => hvsock.accept(stream),
+        Initiator::Guest => {
+            if hvsock.complete_connect(&endpoint_id, stream).is_err() {
+                tracing::info!(connection = %label, "the connect gave up before its offer was opened; closing");
+            }
+        }
+    }
+    let (task_id, task_label) = (id.clone(), label.clone());
+    let abort = tasks.spawn(async move {
+        let summary = monitor.closed().await;
+        (task_id, task_label, ChannelEnd::Pipe(summary))
+    });
+    book.reported.remove(&id);
+    book.open.insert(
+        id,
+        OpenChannel {
+            label,
+            abort,
+            pipe: true,
+        },
+    );
+}
+
 /// The name a channel goes by in logs: service and instance.
 pub fn channel_label(kind: ServiceKind, instance_id: &Guid) -> String {
     format!("{} {}", kind.name(), instance_id)
 }
 
-fn log_channel_end(label: &str, result: Result<(), ChannelError>) {
-    match result {
-        Ok(()) => tracing::info!(channel = %label, "channel finished"),
-        Err(ChannelError::Closed { .. }) => {
+fn log_channel_end(label: &str, end: ChannelEnd) {
+    match end {
+        ChannelEnd::Ic(Ok(())) => tracing::info!(channel = %label, "channel finished"),
+        ChannelEnd::Ic(Err(ChannelError::Closed { .. })) => {
             tracing::info!(channel = %label, "host closed the channel")
         }
-        Err(e) => tracing::error!(channel = %label, "channel closed: {e}"),
+        ChannelEnd::Ic(Err(e)) => tracing::error!(channel = %label, "channel closed: {e}"),
+        ChannelEnd::Pipe(s) => {
+            let (bytes_in, bytes_out) = (s.bytes_in, s.bytes_out);
+            match &s.error {
+                None => {
+                    tracing::info!(connection = %label, bytes_in, bytes_out, fin_received = s.fin_received, "hvsock connection closed")
+                }
+                Some(e) if e.is_peer_closed() && !s.fin_received => {
+                    tracing::warn!(connection = %label, bytes_in, bytes_out, "hvsock connection lost: the host closed the channel without shutting its direction down")
+                }
+                Some(e) if e.is_peer_closed() => {
+                    tracing::info!(connection = %label, bytes_in, bytes_out, "hvsock connection closed by the host")
+                }
+                Some(e) => {
+                    tracing::error!(connection = %label, bytes_in, bytes_out, "hvsock connection closed: {e}")
+                }
+            }
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::channel::{Channel, ChannelError, OwnedPacket};
 use crate::config::Config;
+use crate::hvsock::Hvsock;
 pub use crate::service_kind::ServiceKind;
 use crate::vss::VssCore;
 use crate::vss::vmbus::VssService;
@@ -22,6 +23,8 @@ pub struct Services {
     kvp: Option<Arc<KvpCore>>,
     /// One VSS core: one set of frozen file systems, whatever carried the FREEZE.
     vss: Option<Arc<VssCore>>,
+    /// hvsock: where host-initiated connections go, how guest-initiated ones are made.
+    hvsock: Hvsock,
 }
 
 /// Why the services could not start.
@@ -68,10 +71,12 @@ impl Services {
         } else {
             None
         };
+        let hvsock = Hvsock::new(None, config.hvsock.options());
         Ok(Self {
             config: Arc::new(config),
             kvp,
             vss,
+            hvsock,
         })
     }
 
@@ -82,11 +87,25 @@ impl Services {
 
     /// Services around an existing KVP core (benchmarks, embedders that set up the core themselves).
     pub fn with_kvp_core(config: Config, core: Arc<KvpCore>) -> Self {
+        let hvsock = Hvsock::new(None, config.hvsock.options());
         Self {
             config: Arc::new(config),
             kvp: Some(core),
             vss: None,
+            hvsock,
         }
+    }
+
+    /// These services with `hvsock` serving pipe offers (an acceptor for host-initiated
+    /// connections, and guest-initiated connects).
+    pub fn with_hvsock(mut self, hvsock: Hvsock) -> Self {
+        self.hvsock = hvsock;
+        self
+    }
+
+    /// The hvsock layer: its acceptor, connector and connects in progress.
+    pub fn hvsock(&self) -> &Hvsock {
+        &self.hvsock
     }
 
     /// The shared KVP core, if KVP is enabled.

@@ -3,6 +3,7 @@
 //! production binary carries neither the benchmark code nor the plugin build helper.
 
 pub mod freeze;
+pub mod hvsock;
 pub mod kvp;
 pub mod kvp_ops;
 pub mod plugin;
@@ -55,6 +56,28 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 4)]
         mounts: usize,
     },
+    /// hvsock streams over the shm transport (the runtime with a Rust echo acceptor against a
+    /// host driving pipe channels): echo throughput with 64 KiB writes, 64-byte round trips
+    /// (p50, p99), and the raw ring throughput of the same run; guest and host threads pinned
+    /// to one CPU and to two.
+    Hvsock {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Ring sizes in KiB (one direction, control page included); default 24 and 256, Linux
+        /// hv_sock's default and largest.
+        #[arg(long, value_delimiter = ',')]
+        ring_kib: Option<Vec<usize>>,
+        /// `same-cpu`, `split`, or both (the default).
+        #[arg(long)]
+        placement: Option<String>,
+        /// MiB echoed per throughput case.
+        #[arg(long, default_value_t = 256)]
+        echo_mib: usize,
+        /// 64-byte round trips per latency case.
+        #[arg(long, default_value_t = 20_000)]
+        round_trips: usize,
+    },
     /// KVP: SET, GET and ENUMERATE on the kernel protocol against Debian's hv_kvp_daemon (both as
     /// processes, pinned to one CPU with the harness), then enumeration latency over shm, the
     /// kernel protocol and the codec, with and without plugin keys.
@@ -95,6 +118,35 @@ pub fn run(command: BenchCommand) -> Result<()> {
                 bail!("--rounds: at most 31");
             }
             freeze::run(json, rounds, mounts)
+        }
+        BenchCommand::Hvsock {
+            json,
+            ring_kib,
+            placement,
+            echo_mib,
+            round_trips,
+        } => {
+            let mut opts = hvsock::HvsockBenchOptions {
+                echo_bytes: echo_mib << 20,
+                round_trips,
+                ..Default::default()
+            };
+            if let Some(kib) = ring_kib {
+                opts.ring_sizes = kib.into_iter().map(|k| k * 1024).collect();
+            }
+            if let Some(name) = placement.as_deref().filter(|p| *p != "both") {
+                opts.placements =
+                    vec![hvisd_ring::bench::Placement::parse(name).with_context(|| {
+                        format!("--placement {name:?}: use same-cpu, split or both")
+                    })?];
+            }
+            let report = hvsock::run(&opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                report.print_human();
+            }
+            Ok(())
         }
         BenchCommand::Plugin { json, calls } => {
             if calls == 0 {

@@ -6,6 +6,7 @@
 
 mod channel_actions;
 mod hostile_actions;
+mod hvsock_actions;
 mod ic_actions;
 mod kvp_actions;
 mod script;
@@ -21,7 +22,6 @@ use crate::transport::shm::ShmRoot;
 use crate::transport::shm_host;
 use hvisd_ic::NegotiateOutcome;
 use hvisd_ic::host::{self as ic_host, IcHost};
-use hvisd_protocol::guid::Guid;
 use hvisd_protocol::ic::IcVersion;
 use hvisd_protocol::ic::{heartbeat, shutdown, timesync};
 use hvisd_protocol::kvp::{self, IpInfoUtf16, KvpOperation, KvpReplyView, KvpRequest, KvpValue};
@@ -110,6 +110,8 @@ struct HostChannel {
 pub struct HostSimulator {
     root: PathBuf,
     channels: HashMap<String, HostChannel>,
+    /// hvsock connections kept open (`close: false`) and services listened on.
+    hvsock: hvsock_actions::HostHvsock,
 }
 
 impl HostSimulator {
@@ -118,6 +120,7 @@ impl HostSimulator {
         Self {
             root: root.to_owned(),
             channels: HashMap::new(),
+            hvsock: Default::default(),
         }
     }
 
@@ -215,6 +218,9 @@ impl HostSimulator {
             Action::Backup { .. } | Action::VssOp { .. } => {
                 self.act_vss(action, script, timeout, entry).await
             }
+            Action::HvsockConnect { .. }
+            | Action::HvsockListen { .. }
+            | Action::HvsockWait { .. } => self.act_hvsock(action, script, timeout, entry).await,
         }
     }
 
@@ -465,24 +471,7 @@ fn encode_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A random (version 4) GUID for instance ids.
-pub fn random_guid() -> Guid {
-    let mut bytes = [0u8; 16];
-    // getrandom(2) through rustix; without it, fall back to time and pid, which is unique enough for
-    // instance ids on one root.
-    if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).map(|n| n == 16)
-        != Ok(true)
-    {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        bytes = (nanos ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
-    }
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    Guid::from_bytes(bytes)
-}
+pub use crate::offer::random_guid;
 
 /// Points the simulated guest's KVP files inside `root`: the simulator must not touch this machine's
 /// `/var/lib/hyperv` or run its network scripts. SET_IP_INFO runs a script that only records its

@@ -279,6 +279,101 @@ pub enum Action {
         #[serde(default)]
         dns: String,
     },
+    /// hvsock, host-initiated: offer pipe channels (`pipe=byte`, `conn_from_host=1`) for a
+    /// service, wait for the guest, stream bytes, read the replies, check them, close with FIN.
+    HvsockConnect {
+        /// Names the connection for later actions (with `close: false`); default `hvsock`.
+        #[serde(default)]
+        name: Option<String>,
+        /// The service GUID; or give `port`.
+        #[serde(default)]
+        service: Option<String>,
+        /// A vsock port, standing for `<port>-facb-11e6-bd58-64006a7986d3`.
+        #[serde(default)]
+        port: Option<u32>,
+        /// The endpoint (offer instance) id; random when absent (must be absent with several
+        /// connections).
+        #[serde(default)]
+        instance_id: Option<String>,
+        /// Overrides the script's ring size.
+        #[serde(default)]
+        ring_size: Option<u32>,
+        /// Data to send, as text ...
+        #[serde(default)]
+        text: Option<String>,
+        /// ... or as hex ...
+        #[serde(default)]
+        hex: Option<String>,
+        /// ... or this many bytes of a pattern (seeded by the connection's index).
+        #[serde(default)]
+        size: Option<usize>,
+        /// How many times `text`/`hex` is sent.
+        #[serde(default = "one_usize")]
+        repeat: usize,
+        /// Bytes per write call (default 64 KiB).
+        #[serde(default = "write_size")]
+        write_size: usize,
+        /// `echo` (default: the replies must equal what was sent), or `none` (only the guest's
+        /// FIN is awaited, if we sent ours).
+        #[serde(default = "echo")]
+        expect: String,
+        /// Concurrent connections, each with its own data (`<i>:` in front of text/hex).
+        #[serde(default = "one")]
+        connections: u32,
+        /// Do not read for this long after writing starts (a stalled reader: the transcript
+        /// says how many bytes the guest took meanwhile).
+        #[serde(default)]
+        pause_reading_ms: u64,
+        /// Send our FIN after the data (default true).
+        #[serde(default = "yes")]
+        fin: bool,
+        /// Close and rescind once done (default true); `false` keeps the connection open under
+        /// `name` (e.g. for a `crash` mid-stream).
+        #[serde(default = "yes")]
+        close: bool,
+        /// Deadline of the whole exchange (default: the script's timeout).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// hvsock, guest-initiated: serve a host service on `ROOT/control` in the background for
+    /// the rest of the script (or until `count` connections are served).
+    HvsockListen {
+        /// Names the listener for `hvsock_wait`; default `listener`.
+        #[serde(default = "listener_name")]
+        name: String,
+        /// The service GUID; or give `port`.
+        #[serde(default)]
+        service: Option<String>,
+        /// A vsock port.
+        #[serde(default)]
+        port: Option<u32>,
+        /// `echo` (default), `text` (read to the guest's FIN, answer `text`, FIN), or `refuse`
+        /// (answer the request with `status`).
+        #[serde(default = "echo")]
+        reply: String,
+        /// The answer for `reply: text`.
+        #[serde(default)]
+        text: Option<String>,
+        /// The refusal status for `reply: refuse` (default -111).
+        #[serde(default)]
+        status: Option<i32>,
+        /// Serve this many connections, then refuse.
+        #[serde(default)]
+        count: Option<u32>,
+        /// Overrides the script's ring size for the offers.
+        #[serde(default)]
+        ring_size: Option<u32>,
+    },
+    /// Wait until a listener has served its `count` connections (or, without a count, until
+    /// it served at least one and none is in progress); records its figures.
+    HvsockWait {
+        /// The listener (default `listener`).
+        #[serde(default = "listener_name")]
+        name: String,
+        /// Deadline (default: the script's timeout).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
 }
 
 /// A KVP pool in a script: a name, or a raw wire number (hostile tests send 5..255).
@@ -330,6 +425,18 @@ fn backup_pause_ms() -> u64 {
 fn expect_ok() -> String {
     "ok".into()
 }
+fn one_usize() -> usize {
+    1
+}
+fn write_size() -> usize {
+    64 << 10
+}
+fn echo() -> String {
+    "echo".into()
+}
+fn listener_name() -> String {
+    "listener".into()
+}
 fn one() -> u32 {
     1
 }
@@ -371,6 +478,9 @@ impl Action {
             Action::KvpEnumerate { .. } => "kvp_enumerate",
             Action::KvpGetIpInfo { .. } => "kvp_get_ip_info",
             Action::KvpSetIpInfo { .. } => "kvp_set_ip_info",
+            Action::HvsockConnect { .. } => "hvsock_connect",
+            Action::HvsockListen { .. } => "hvsock_listen",
+            Action::HvsockWait { .. } => "hvsock_wait",
         }
     }
 }
@@ -487,6 +597,33 @@ mod tests {
         let s = Script::parse(r#"[{"action":"sleep","ms":5}]"#, "t").unwrap();
         assert_eq!(s.ring_size, 16384);
         assert!(matches!(s.actions[0], Action::Sleep { ms: 5 }));
+    }
+
+    #[test]
+    fn hvsock_actions_parse_with_defaults() {
+        let s = Script::parse(
+            r#"[{"action":"hvsock_connect","port":5000,"text":"hi"},
+                {"action":"hvsock_listen","service":"00001388-facb-11e6-bd58-64006a7986d3","count":1},
+                {"action":"hvsock_wait"}]"#,
+            "t",
+        )
+        .unwrap();
+        match &s.actions[0] {
+            Action::HvsockConnect {
+                expect,
+                fin,
+                close,
+                connections,
+                ..
+            } => {
+                assert_eq!(expect, "echo");
+                assert!(*fin && *close);
+                assert_eq!(*connections, 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.actions[1].kind(), "hvsock_listen");
+        assert_eq!(s.actions[2].kind(), "hvsock_wait");
     }
 
     #[test]

@@ -257,29 +257,49 @@ impl ShmRoot {
         rings.set_feature_bits();
 
         let doorbell_path = found.dir.join("doorbell");
-        // Pin the socket itself (O_PATH, no link followed), check it is a socket, then connect to
-        // the pinned inode: swapping `doorbell` after the check cannot make the daemon connect to
-        // another socket of this machine.
-        let socket = rustix::fs::openat(
-            &dir_fd,
-            "doorbell",
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| io_err("opening", &doorbell_path)(e.into()))?;
-        let stat =
-            rustix::fs::fstat(&socket).map_err(|e| io_err("checking", &doorbell_path)(e.into()))?;
-        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket {
-            return Err(io_err("checking", &doorbell_path)(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the doorbell must be a socket",
-            )));
-        }
-        let pinned = PathBuf::from(format!("/proc/self/fd/{}", socket.as_raw_fd()));
+        let (_socket, pinned) = pin_socket(&dir_fd, &found.dir, "doorbell")?;
         let doorbell =
             Doorbell::connect(&pinned).map_err(io_err("connecting to", &doorbell_path))?;
         Ok(Channel::new(rings, doorbell, label))
     }
+}
+
+/// Pins the socket `dir/name` (O_PATH, no link followed), checks it is a socket, and returns the
+/// pinned descriptor with the `/proc/self/fd/N` path to connect through while it is held:
+/// swapping the entry after the check cannot make the daemon connect to another socket of this
+/// machine, and the path stays within the 108-byte socket path limit however long the root is.
+pub(crate) fn pin_socket(
+    dir_fd: &OwnedFd,
+    dir: &Path,
+    name: &str,
+) -> Result<(OwnedFd, PathBuf), ShmError> {
+    let path = dir.join(name);
+    let socket = rustix::fs::openat(
+        dir_fd,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err("opening", &path)(e.into()))?;
+    let stat = rustix::fs::fstat(&socket).map_err(|e| io_err("checking", &path)(e.into()))?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket {
+        return Err(io_err("checking", &path)(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("the {name} must be a socket"),
+        )));
+    }
+    let pinned = PathBuf::from(format!("/proc/self/fd/{}", socket.as_raw_fd()));
+    Ok((socket, pinned))
+}
+
+/// Opens a directory without following a symlink in its last component.
+pub(crate) fn open_dir_nofollow(dir: &Path) -> Result<OwnedFd, ShmError> {
+    rustix::fs::open(
+        dir,
+        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err("opening", dir)(e.into()))
 }
 
 /// Tells the runtime when an shm root may have changed (inotify on the root and on each offer
@@ -344,15 +364,6 @@ impl ShmWatcher {
             }
         }
     }
-}
-
-fn open_dir_nofollow(dir: &Path) -> Result<OwnedFd, ShmError> {
-    rustix::fs::open(
-        dir,
-        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io_err("opening", dir)(e.into()))
 }
 
 fn read_offer(dir: &Path, name: &str) -> Result<Option<FoundOffer>, ShmError> {

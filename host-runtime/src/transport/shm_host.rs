@@ -81,3 +81,101 @@ impl PublishedOffer {
 pub fn rescind(dir: &Path) -> Result<(), ShmError> {
     std::fs::remove_dir_all(dir).map_err(io_err("removing", dir))
 }
+
+/// The host's `ROOT/control` socket, where guests ask for hvsock connections to host services.
+pub struct ControlListener {
+    listener: SeqpacketListener,
+    path: PathBuf,
+}
+
+/// One guest's connection to `ROOT/control`: requests in, replies out, one datagram each.
+pub struct ControlConnection {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl ControlListener {
+    /// Binds `ROOT/control` (replacing the stale socket a crashed host left behind).
+    pub fn bind(root: &Path) -> Result<Self, ShmError> {
+        let path = root.join("control");
+        if std::fs::symlink_metadata(&path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+        {
+            std::fs::remove_file(&path).map_err(io_err("removing the stale", &path))?;
+        }
+        let listener = SeqpacketListener::bind(&path).map_err(io_err("binding", &path))?;
+        Ok(Self { listener, path })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts one guest connection.
+    pub async fn accept(&self) -> io::Result<ControlConnection> {
+        let fd = self.listener.accept().await?;
+        Ok(ControlConnection {
+            fd: hvisd_sys::async_fd::register_rw(fd)?,
+        })
+    }
+}
+
+impl Drop for ControlListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl ControlConnection {
+    /// The next request; `None` once the guest closed the connection. A datagram of the wrong
+    /// size is returned as the parse error.
+    pub async fn recv_request(
+        &self,
+    ) -> io::Result<
+        Option<
+            Result<
+                hvisd_protocol::hvsock::ConnectRequest,
+                hvisd_protocol::hvsock::HvsockParseError,
+            >,
+        >,
+    > {
+        let mut buf = [0u8; 2 * hvisd_protocol::hvsock::CONNECT_REQUEST_SIZE];
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match rustix::net::recv(
+                self.fd.get_ref(),
+                &mut buf[..],
+                rustix::net::RecvFlags::DONTWAIT,
+            ) {
+                Ok((_, 0)) => return Ok(None),
+                Ok((_, n)) => {
+                    return Ok(Some(hvisd_protocol::hvsock::ConnectRequest::parse(
+                        &buf[..n.min(buf.len())],
+                    )));
+                }
+                Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::CONNRESET) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Sends a reply.
+    pub async fn send_reply(&self, reply: &hvisd_protocol::hvsock::ConnectReply) -> io::Result<()> {
+        let bytes = reply.to_bytes();
+        loop {
+            let mut guard = self.fd.writable().await?;
+            match rustix::net::send(
+                self.fd.get_ref(),
+                &bytes,
+                rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}

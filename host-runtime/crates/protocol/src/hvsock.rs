@@ -34,6 +34,16 @@ pub const VMPIPE_HEADER_SIZE: usize = size_of::<VmpipeProtoHeader>();
 /// `pkt_type` of a data packet (Linux's `VMPIPE_PKT_TYPE_DATA`).
 pub const VMPIPE_PKT_TYPE_DATA: u32 = 1;
 
+/// Most stream bytes one packet may carry: Linux's `HVS_MTU_SIZE` ("the MTU is 16KB per the host
+/// side's design"). Linux's `hvs_update_recv_data` refuses a packet whose `data_size` is larger
+/// (`-EIO`), and so does [`parse_pipe_header`]; no sender here builds one.
+pub const HVS_MTU_SIZE: usize = 16 * 1024;
+
+/// Most stream bytes Linux's guest puts in one packet: `HVS_SEND_BUF_SIZE`, one 4 KiB page less the
+/// header, chosen "to maximize concurrency between the guest and the host processing as one VMBUS
+/// packet is the smallest processing unit". Any size up to [`HVS_MTU_SIZE`] is valid on the wire.
+pub const LINUX_SEND_BUF_SIZE: usize = 4096 - VMPIPE_HEADER_SIZE;
+
 /// Why bytes are not a valid hvsock packet or control message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HvsockParseError {
@@ -48,6 +58,12 @@ pub enum HvsockParseError {
     /// `pkt_type` is not `VMPIPE_PKT_TYPE_DATA`.
     #[error("hvsock packet type {0}, only 1 (data) is defined")]
     UnknownPacketType(u32),
+    /// `data_size` is above [`HVS_MTU_SIZE`] (Linux refuses such a packet too).
+    #[error("hvsock packet claims {data_size} data bytes, more than the {HVS_MTU_SIZE}-byte MTU")]
+    DataOverMtu {
+        /// `data_size`.
+        data_size: u32,
+    },
     /// `data_size` claims more bytes than the packet carries.
     #[error("hvsock packet claims {data_size} data bytes but carries only {available}")]
     DataPastEnd {
@@ -56,8 +72,8 @@ pub enum HvsockParseError {
         /// Bytes after the header.
         available: usize,
     },
-    /// Data to send does not fit in a `u32` size.
-    #[error("hvsock data of {len} bytes does not fit one packet")]
+    /// Data to send is larger than one packet may carry ([`HVS_MTU_SIZE`]).
+    #[error("hvsock data of {len} bytes does not fit one packet (at most {HVS_MTU_SIZE})")]
     DataTooLarge {
         /// Data length.
         len: usize,
@@ -83,38 +99,78 @@ pub enum PipePacket<'a> {
     Shutdown,
 }
 
-/// Parses one hvsock packet payload. Bytes after `data_size` are ring padding and are ignored.
-pub fn parse_pipe_packet(payload: &[u8]) -> Result<PipePacket<'_>, HvsockParseError> {
-    let (hdr, rest) =
-        VmpipeProtoHeader::read_from_prefix(payload).map_err(|_| HvsockParseError::Truncated {
-            need: VMPIPE_HEADER_SIZE,
-            got: payload.len(),
-        })?;
+/// What a packet's `vmpipe_proto_header` announces, checked against the packet's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipeFrame {
+    /// `len` stream bytes follow the header (`1..=HVS_MTU_SIZE`, and inside the packet).
+    Data {
+        /// Bytes of stream data right after the header.
+        len: usize,
+    },
+    /// The sender shut down its sending direction (`data_size` 0).
+    Shutdown,
+}
+
+/// Parses the header of an hvsock packet whose payload (what follows the VMBus descriptor) is
+/// `payload_len` bytes long and starts with `head` (its first bytes: at least
+/// [`VMPIPE_HEADER_SIZE`] of them if the payload has that many; more are ignored).
+///
+/// The checks are Linux's `hvs_update_recv_data` plus the packet type: the header must fit the
+/// packet, `pkt_type` must be 1, and `data_size` must be at most [`HVS_MTU_SIZE`] and fit in the
+/// payload after the header. Bytes after `data_size` are ring padding.
+pub fn parse_pipe_header(head: &[u8], payload_len: usize) -> Result<PipeFrame, HvsockParseError> {
+    let truncated = HvsockParseError::Truncated {
+        need: VMPIPE_HEADER_SIZE,
+        got: payload_len.min(head.len()),
+    };
+    if payload_len < VMPIPE_HEADER_SIZE {
+        return Err(truncated);
+    }
+    let (hdr, _) = VmpipeProtoHeader::read_from_prefix(head).map_err(|_| truncated)?;
     let pkt_type = hdr.pkt_type.get();
     if pkt_type != VMPIPE_PKT_TYPE_DATA {
         return Err(HvsockParseError::UnknownPacketType(pkt_type));
     }
     let data_size = hdr.data_size.get();
     if data_size == 0 {
-        return Ok(PipePacket::Shutdown);
+        return Ok(PipeFrame::Shutdown);
     }
-    usize::try_from(data_size)
-        .ok()
-        .and_then(|n| rest.get(..n))
-        .map(PipePacket::Data)
-        .ok_or(HvsockParseError::DataPastEnd {
+    let available = payload_len - VMPIPE_HEADER_SIZE;
+    // u32 -> usize is lossless on every target hvisd builds for (64-bit Linux).
+    let len = data_size as usize;
+    if len > HVS_MTU_SIZE {
+        return Err(HvsockParseError::DataOverMtu { data_size });
+    }
+    if len > available {
+        return Err(HvsockParseError::DataPastEnd {
             data_size,
-            available: rest.len(),
-        })
+            available,
+        });
+    }
+    Ok(PipeFrame::Data { len })
 }
 
-/// The header for a data packet of `data_len` bytes (0 announces a shutdown).
+/// Parses one whole hvsock packet payload. Bytes after `data_size` are ring padding and are ignored.
+pub fn parse_pipe_packet(payload: &[u8]) -> Result<PipePacket<'_>, HvsockParseError> {
+    match parse_pipe_header(payload, payload.len())? {
+        PipeFrame::Shutdown => Ok(PipePacket::Shutdown),
+        // parse_pipe_header checked that `len` bytes follow the header.
+        PipeFrame::Data { len } => Ok(PipePacket::Data(
+            &payload[VMPIPE_HEADER_SIZE..VMPIPE_HEADER_SIZE + len],
+        )),
+    }
+}
+
+/// The header for a data packet of `data_len` bytes (0 announces a shutdown); at most
+/// [`HVS_MTU_SIZE`].
 pub fn pipe_header(data_len: usize) -> Result<VmpipeProtoHeader, HvsockParseError> {
-    let data_size =
-        u32::try_from(data_len).map_err(|_| HvsockParseError::DataTooLarge { len: data_len })?;
+    if data_len > HVS_MTU_SIZE {
+        return Err(HvsockParseError::DataTooLarge { len: data_len });
+    }
     Ok(VmpipeProtoHeader {
         pkt_type: U32::new(VMPIPE_PKT_TYPE_DATA),
-        data_size: U32::new(data_size),
+        // At most HVS_MTU_SIZE: fits.
+        data_size: U32::new(data_len as u32),
     })
 }
 
@@ -351,6 +407,49 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn data_over_the_mtu_is_refused_as_linux_does() {
+        let mut packet = vec![1, 0, 0, 0];
+        packet.extend_from_slice(&(HVS_MTU_SIZE as u32 + 1).to_le_bytes());
+        packet.resize(8 + HVS_MTU_SIZE + 8, 0);
+        assert_eq!(
+            parse_pipe_packet(&packet),
+            Err(HvsockParseError::DataOverMtu {
+                data_size: HVS_MTU_SIZE as u32 + 1
+            })
+        );
+        let full = build_pipe_packet(&vec![7; HVS_MTU_SIZE]).unwrap();
+        assert!(
+            matches!(parse_pipe_packet(&full), Ok(PipePacket::Data(d)) if d.len() == HVS_MTU_SIZE)
+        );
+        assert_eq!(
+            build_pipe_packet(&vec![7; HVS_MTU_SIZE + 1]),
+            Err(HvsockParseError::DataTooLarge {
+                len: HVS_MTU_SIZE + 1
+            })
+        );
+    }
+
+    #[test]
+    fn header_is_checked_against_the_payload_length_not_the_bytes_given() {
+        let head = [1, 0, 0, 0, 100, 0, 0, 0];
+        assert_eq!(
+            parse_pipe_header(&head, 108),
+            Ok(PipeFrame::Data { len: 100 })
+        );
+        assert_eq!(
+            parse_pipe_header(&head, 107),
+            Err(HvsockParseError::DataPastEnd {
+                data_size: 100,
+                available: 99
+            })
+        );
+        assert_eq!(
+            parse_pipe_header(&head[..4], 4),
+            Err(HvsockParseError::Truncated { need: 8, got: 4 })
+        );
+    }
+
     proptest! {
         #[test]
         fn pipe_parser_never_panics_and_data_is_inside_the_packet(
@@ -359,6 +458,33 @@ mod tests {
             if let Ok(PipePacket::Data(d)) = parse_pipe_packet(&bytes) {
                 prop_assert!(!d.is_empty());
                 prop_assert_eq!(d, &bytes[8..8 + d.len()]);
+            }
+        }
+
+        #[test]
+        fn header_parse_agrees_with_packet_parse(
+            head in any::<[u8; 8]>(),
+            payload_len in 0usize..20_000,
+        ) {
+            match parse_pipe_header(&head, payload_len) {
+                Ok(PipeFrame::Data { len }) => {
+                    prop_assert!((1..=HVS_MTU_SIZE).contains(&len));
+                    prop_assert!(VMPIPE_HEADER_SIZE + len <= payload_len);
+                    let mut packet = head.to_vec();
+                    packet.resize(payload_len, 0);
+                    prop_assert!(matches!(parse_pipe_packet(&packet), Ok(PipePacket::Data(d)) if d.len() == len));
+                }
+                Ok(PipeFrame::Shutdown) => prop_assert!(payload_len >= VMPIPE_HEADER_SIZE),
+                Err(_) => {}
+            }
+        }
+
+        #[test]
+        fn built_packets_parse_back(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let packet = build_pipe_packet(&data).unwrap();
+            match parse_pipe_packet(&packet).unwrap() {
+                PipePacket::Data(d) => prop_assert_eq!(d, &data[..]),
+                PipePacket::Shutdown => prop_assert!(data.is_empty()),
             }
         }
 
