@@ -52,6 +52,11 @@ pub struct HvsockSection {
     /// service `P-facb-11e6-bd58-64006a7986d3`.
     #[serde(default)]
     pub vsock_listen_ports: Vec<u32>,
+    /// Names for hvsock services, as plugin manifests use them (`hvsock.listen`,
+    /// `hvsock.connect`): name = GUID or decimal vsock port. A manifest may also name a
+    /// service by its GUID or port directly.
+    #[serde(default)]
+    pub services: std::collections::BTreeMap<String, String>,
     /// Debug builds only (release builds refuse the key): a test echo acceptor and test
     /// connects, for the end-to-end tests before a broker exists.
     #[cfg(debug_assertions)]
@@ -538,6 +543,19 @@ impl Config {
                 field: "hvsock.connect_timeout_ms",
                 why: "must be 1..=600000",
             });
+        }
+        for (name, target) in &config.hvsock.services {
+            if crate::plugins::broker::ServiceMap::parse_target(target).is_none() {
+                return Err(ConfigError::Invalid {
+                    path: origin.to_owned(),
+                    field: "hvsock.services",
+                    why: if name.is_empty() {
+                        "a service name is empty"
+                    } else {
+                        "each value must be a GUID or a decimal vsock port"
+                    },
+                });
+            }
         }
         if let Err(errors) = hvisd_plugin_host::manifest::validate_all(&config.plugin) {
             return Err(ConfigError::Plugins {

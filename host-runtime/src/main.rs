@@ -222,7 +222,9 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
         );
         config.vss.dry_run = Some(true);
     }
-    let hvsock = hvisd::hvsock::Hvsock::new(hvsock_acceptor(&config), config.hvsock.options());
+    let broker = hvisd::plugins::broker::PluginBroker::new();
+    let acceptor = hvsock_acceptor(&config, &broker, config_path.is_some());
+    let hvsock = hvisd::hvsock::Hvsock::new(acceptor, config.hvsock.options());
     if kind == "shm" && !rest.is_empty() {
         hvsock.set_connector(hvisd::hvsock::Connector::Shm {
             root: PathBuf::from(rest),
@@ -245,6 +247,9 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
     }
     if let (Some(vss), Some(plugins)) = (services.vss_core(), &plugins) {
         vss.set_plugins(plugins.clone());
+    }
+    if let Some(plugins) = &plugins {
+        broker.set_plugins(plugins);
     }
     if let (Some(plugins), Some(path)) = (plugins.clone(), config_path) {
         tokio::spawn(reload_on_sighup(plugins, path));
@@ -348,10 +353,13 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
     }
 }
 
-/// What accepts host-initiated hvsock connections. The plugin broker will; until then only debug
-/// builds have one, the test echo (`[hvsock.test] echo = true`).
+/// What accepts host-initiated hvsock connections: the plugin broker, when plugins are (or may
+/// be, after a reload) configured; debug builds may install the test echo instead (`[hvsock.test]
+/// echo = true`). Without an acceptor pipe offers are left alone.
 fn hvsock_acceptor(
-    #[allow(unused_variables)] config: &Config,
+    config: &Config,
+    broker: &std::sync::Arc<hvisd::plugins::broker::PluginBroker>,
+    reloadable: bool,
 ) -> Option<std::sync::Arc<dyn hvisd::hvsock::HvsockAcceptor>> {
     #[cfg(debug_assertions)]
     if config.hvsock.test.as_ref().is_some_and(|t| t.echo) {
@@ -360,7 +368,10 @@ fn hvsock_acceptor(
             hvisd::hvsock::echo::EchoAcceptor::default(),
         ));
     }
-    None
+    if config.plugin.is_empty() && !reloadable {
+        return None;
+    }
+    Some(broker.clone())
 }
 
 /// Debug builds: runs the compromised-worker test of the config and writes its report.

@@ -159,13 +159,15 @@ pub struct Connection {
     output: OutputStream,
 }
 
-/// Largest write the host accepts in one call.
-const MAX_WRITE: usize = 4096;
-
 impl Connection {
     /// Wraps the two halves of a connection.
     pub fn new(input: InputStream, output: OutputStream) -> Self {
         Connection { input, output }
+    }
+
+    /// The raw `wasi:io` streams (for code that manages write permits and polling itself).
+    pub fn streams(&self) -> (&InputStream, &OutputStream) {
+        (&self.input, &self.output)
     }
 
     /// Reads up to `max` bytes, waiting for at least one; `Ok(empty)` at end of stream.
@@ -189,15 +191,37 @@ impl std::io::Read for Connection {
     }
 }
 
+impl Drop for Connection {
+    /// Waits until what was written has left: the plugin's instance (and with it anything
+    /// still buffered) goes away when `serve` returns.
+    fn drop(&mut self) {
+        let _ = self.output.blocking_flush();
+    }
+}
+
+fn stream_error(e: StreamError) -> std::io::Error {
+    match e {
+        StreamError::Closed => std::io::ErrorKind::BrokenPipe.into(),
+        StreamError::LastOperationFailed(e) => std::io::Error::other(e.to_debug_string()),
+    }
+}
+
 impl std::io::Write for Connection {
+    /// Writes as much of `buf` as the host's write permit allows now (waiting until it allows
+    /// at least one byte); the bytes leave without a flush, so writes pipeline.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(MAX_WRITE);
-        match self.output.blocking_write_and_flush(&buf[..n]) {
-            Ok(()) => Ok(n),
-            Err(StreamError::Closed) => Err(std::io::ErrorKind::BrokenPipe.into()),
-            Err(StreamError::LastOperationFailed(e)) => {
-                Err(std::io::Error::other(e.to_debug_string()))
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let permit = self.output.check_write().map_err(stream_error)?;
+            if permit == 0 {
+                self.output.subscribe().block();
+                continue;
             }
+            let n = buf.len().min(permit as usize);
+            self.output.write(&buf[..n]).map_err(stream_error)?;
+            return Ok(n);
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {

@@ -9,6 +9,7 @@
 //! store (grants checked again), runs freeze hooks and policies in priority order, and reloads
 //! on SIGHUP, all or nothing.
 
+pub mod broker;
 pub mod grants;
 pub mod worker;
 
@@ -31,7 +32,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::services::Services;
-use worker::{Worker, WorkerError, WorkerSpec};
+use worker::{Worker, WorkerError, WorkerImports, WorkerSpec};
 
 /// The plugins' `kvp-store` import over the real pool files (the same store the KVP service uses,
 /// so a plugin's write is what the host enumerates next).
@@ -190,6 +191,7 @@ struct Shared {
     cache: ComponentCache,
     engine: hvisd_plugin_host::Engine,
     kvp_store: Arc<dyn KvpStore>,
+    hvsock: Option<broker::HvsockImports>,
     uid: u32,
     gid: u32,
     require_landlock: bool,
@@ -329,13 +331,70 @@ impl Slot {
                 require_landlock: self.shared.require_landlock,
                 escape_test,
             },
-            self.shared.kvp_store.clone(),
+            WorkerImports {
+                kvp: self.shared.kvp_store.clone(),
+                hvsock: self.shared.hvsock.clone(),
+            },
         )
         .await
     }
 
     /// A call into the plugin with its deadline, under the core's budgets.
     async fn call(&self, call: Call, deadline: Duration) -> Result<CallReply, String> {
+        self.admit()?;
+        let worker = self.worker().await?;
+        let result = worker.call(call, wall_clock(deadline)).await;
+        self.account(&worker, &result);
+        result.map_err(|e| format!("plugin `{}`: {e}", self.name()))
+    }
+
+    /// Serves one host connection to `service` (a name of its `hvsock.listen`).
+    async fn serve_hvsock(&self, service: &str, conn: crate::hvsock::HvsockStream) {
+        let label = conn.info().label.clone();
+        if let Err(why) = self.admit() {
+            hvisd_protocol::throttled!(warn, plugin = self.name(), connection = %label, "hvsock connection closed: {why}");
+            return;
+        }
+        let worker = match self.worker().await {
+            Ok(w) => w,
+            Err(why) => {
+                hvisd_protocol::throttled!(warn, plugin = self.name(), connection = %label, "hvsock connection closed: {why}");
+                return;
+            }
+        };
+        let deadline = Duration::from_millis(self.manifest.limits.connection_deadline_ms);
+        tracing::info!(plugin = self.name(), connection = %label, "hvsock connection to `{service}`");
+        let (result, summary) = worker
+            .serve_hvsock(service, conn, wall_clock(deadline))
+            .await;
+        match &result {
+            Ok(CallReply::Served(Err(reason))) => tracing::info!(
+                plugin = self.name(),
+                connection = %label,
+                "hvsock: the plugin ended the connection with an error: {}",
+                Escaped::with_max(reason, 512)
+            ),
+            Ok(_) => {}
+            // A connection the plugin could not take (its limit) is not a failed call.
+            Err(WorkerError::Call(why)) if why.contains("limits.hvsock-connections") => {
+                hvisd_protocol::throttled!(warn, plugin = self.name(), connection = %label, "hvsock connection closed: {why}");
+                return;
+            }
+            Err(_) => {}
+        }
+        self.account(&worker, &result);
+        tracing::info!(
+            plugin = self.name(),
+            connection = %label,
+            to_plugin = summary.to_plugin,
+            to_host = summary.to_host,
+            idle = summary.idle,
+            "hvsock connection closed"
+        );
+    }
+
+    /// Whether a call may be made now: not disabled, not throttled.
+    fn admit(&self) -> Result<(), String> {
         {
             let mut h = self.health();
             if let Some(why) = &h.disabled {
@@ -352,10 +411,7 @@ impl Slot {
                 h.throttled_until = None;
             }
         }
-        let worker = self.worker().await?;
-        let result = worker.call(call, wall_clock(deadline)).await;
-        self.account(&worker, &result);
-        result.map_err(|e| format!("plugin `{}`: {e}", self.name()))
+        Ok(())
     }
 
     /// Counts a call's outcome and checks the CPU budget.
@@ -628,6 +684,8 @@ pub struct Plugins {
     shared: Mutex<Option<Arc<Shared>>>,
     set: RwLock<Arc<PluginSet>>,
     kvp: Arc<KvpCore>,
+    /// The runtime's hvsock layer and the service names of the config.
+    hvsock: broker::HvsockImports,
 }
 
 /// Result of a start or reload.
@@ -665,6 +723,12 @@ impl Plugins {
             shared: Mutex::new(None),
             set: RwLock::new(Arc::default()),
             kvp,
+            hvsock: broker::HvsockImports {
+                hvsock: services.hvsock().clone(),
+                services: Arc::new(RwLock::new(broker::ServiceMap::new(
+                    &config.hvsock.services,
+                ))),
+            },
         });
         plugins.apply(config).await?;
         plugins.forward_host_sets();
@@ -689,6 +753,7 @@ impl Plugins {
             cache: ComponentCache::new(&config.plugins.cache_dir)?,
             engine: hvisd_plugin_host::build_engine()?,
             kvp_store: Arc::new(PoolKvpStore::new(self.kvp.store())),
+            hvsock: Some(self.hvsock.clone()),
             uid,
             gid,
             require_landlock: config.plugins.require_landlock,
@@ -701,12 +766,43 @@ impl Plugins {
         self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Serves a host connection to the guest service `service_id` with the plugin listening on
+    /// it; without one the connection is closed.
+    pub async fn serve_hvsock(
+        &self,
+        service_id: hvisd_protocol::guid::Guid,
+        conn: crate::hvsock::HvsockStream,
+    ) {
+        let set = self.current();
+        let found = set.slots.values().find_map(|slot| {
+            slot.manifest
+                .hvsock
+                .listen
+                .iter()
+                .find(|name| self.hvsock.resolve(name) == Some(service_id))
+                .map(|name| (slot.clone(), name.clone()))
+        });
+        match found {
+            Some((slot, name)) => slot.serve_hvsock(&name, conn).await,
+            None => hvisd_protocol::throttled!(
+                warn,
+                connection = %conn.info().label,
+                "hvsock connection to {service_id} closed: no plugin listens on it"
+            ),
+        }
+    }
+
     /// Loads (or reloads) the plugins of `config` and refreshes the Guest-pool keys, all or
     /// nothing: the new set (its workers started, its providers' keys settled) and its key map
     /// are built beside the running ones, then both are swapped at once; invalid manifests change
     /// nothing. Plugins whose manifest and component did not change keep their worker.
     pub async fn apply(&self, config: &Config) -> Result<LoadSummary, PluginSetupError> {
         let prepared = self.prepare(config).await?;
+        *self
+            .hvsock
+            .services
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = broker::ServiceMap::new(&config.hvsock.services);
         let keys = GuestKeys::new(key_sources(&prepared.set), config.kvp.guest_key_options());
         let summary = LoadSummary {
             loaded: prepared.set.slots.keys().cloned().collect(),

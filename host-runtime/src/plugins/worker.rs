@@ -46,6 +46,47 @@ pub struct WorkerSpec {
     pub escape_test: Vec<String>,
 }
 
+/// What backs a worker's imports.
+#[derive(Clone)]
+pub struct WorkerImports {
+    /// `kvp-store`.
+    pub kvp: Arc<dyn KvpStore>,
+    /// `hvsock.connect` (`None`: connects are refused as unavailable).
+    pub hvsock: Option<super::broker::HvsockImports>,
+}
+
+/// The hvsock side of a worker whose plugin listens or connects.
+struct Streams {
+    sender: hvisd_plugin_host::worker::streams::StreamSender,
+    /// Connections open (served and opened), bounded by `limits.hvsock-connections`.
+    open: Arc<tokio::sync::Semaphore>,
+    limit: u32,
+    next_conn: AtomicU64,
+    idle: Duration,
+    buffer: usize,
+}
+
+impl Streams {
+    /// A connection id, a permit for it, and the pair whose worker end was sent tagged with it.
+    async fn open(&self) -> Result<(u64, tokio::sync::OwnedSemaphorePermit, OwnedFd), String> {
+        let permit = self.open.clone().try_acquire_owned().map_err(|_| {
+            format!(
+                "the plugin has {} hvsock connections open (limits.hvsock-connections)",
+                self.limit
+            )
+        })?;
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (core_end, worker_end) =
+            hvisd_plugin_host::worker::streams::connection_pair(self.buffer)
+                .map_err(|e| format!("socketpair: {e}"))?;
+        self.sender
+            .send(conn, std::os::fd::AsFd::as_fd(&worker_end))
+            .await
+            .map_err(|e| format!("sending the stream to the worker: {e}"))?;
+        Ok((conn, permit, core_end))
+    }
+}
+
 /// Why a worker could not start or a call failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WorkerError {
@@ -88,6 +129,8 @@ pub struct Worker {
     /// The worker's account of its confinement.
     pub confinement: String,
     started: Instant,
+    /// For a plugin that listens or connects: where its connections' streams go.
+    streams: Option<Arc<Streams>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -123,7 +166,7 @@ impl Worker {
     /// instead (debug builds).
     pub async fn start(
         spec: WorkerSpec,
-        kvp: Arc<dyn KvpStore>,
+        imports: WorkerImports,
     ) -> Result<(Worker, Option<Vec<(String, String)>>), WorkerError> {
         let plugin: Arc<str> = spec.manifest.name.as_str().into();
         let (core_end, worker_end) = rustix::net::socketpair(
@@ -146,6 +189,30 @@ impl Worker {
                 guest,
                 writable,
             });
+        }
+        // A plugin that serves or opens hvsock connections gets a stream socket.
+        let hv = &spec.manifest.hvsock;
+        let mut streams = None;
+        let mut streams_fd = None;
+        if !hv.listen.is_empty() || !hv.connect.is_empty() {
+            let (core_streams, worker_streams) =
+                hvisd_plugin_host::worker::streams::socketpair()
+                    .map_err(|e| WorkerError::Spawn(format!("stream socketpair: {e}")))?;
+            let target = 5 + dirs.len() as i32;
+            fds.push((worker_streams, target));
+            streams_fd = Some(target);
+            let limits = &spec.manifest.limits;
+            streams = Some(Arc::new(Streams {
+                sender: hvisd_plugin_host::worker::streams::StreamSender::new(core_streams)
+                    .map_err(|e| WorkerError::Spawn(format!("stream socket: {e}")))?,
+                open: Arc::new(tokio::sync::Semaphore::new(
+                    limits.hvsock_connections as usize,
+                )),
+                limit: limits.hvsock_connections,
+                next_conn: AtomicU64::new(1),
+                idle: Duration::from_millis(limits.hvsock_idle_ms),
+                buffer: limits.hvsock_buffer_kib as usize * 1024,
+            }));
         }
         let manifest_toml = toml::to_string(&spec.manifest)
             .map_err(|e| WorkerError::Spawn(format!("manifest: {e}")))?;
@@ -202,6 +269,7 @@ impl Worker {
             artifact_fd: 4,
             dirs,
             require_landlock: spec.require_landlock,
+            streams_fd,
             escape_test: spec.escape_test,
         });
         outbox
@@ -216,7 +284,7 @@ impl Worker {
             reader,
             outbox.clone(),
             pending.clone(),
-            kvp,
+            (imports, streams.clone()),
             kill.clone(),
             started_tx,
         ));
@@ -255,6 +323,7 @@ impl Worker {
                     killed: std::sync::atomic::AtomicBool::new(true),
                     confinement: String::new(),
                     started: Instant::now(),
+                    streams: None,
                 };
                 return Ok((worker, Some(report)));
             }
@@ -267,12 +336,17 @@ impl Worker {
                 outbox,
                 pending,
                 next_id: AtomicU64::new(1),
-                in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+                // Connections' `serve` calls last: they get room of their own, so they never
+                // hold up the short calls.
+                in_flight: tokio::sync::Semaphore::new(
+                    MAX_IN_FLIGHT + streams.as_ref().map_or(0, |s| s.limit as usize),
+                ),
                 gone,
                 kill,
                 killed: std::sync::atomic::AtomicBool::new(false),
                 confinement,
                 started: Instant::now(),
+                streams,
             },
             None,
         ))
@@ -319,6 +393,17 @@ impl Worker {
     /// Makes `call` and waits for its reply for at most `deadline`; past it the worker is
     /// killed and the caller gets [`WorkerError::Timeout`] at once.
     pub async fn call(&self, call: Call, deadline: Duration) -> Result<CallReply, WorkerError> {
+        self.call_inner(call, deadline, true).await
+    }
+
+    /// As [`Worker::call`]; `kill_on_deadline` false for calls on a fresh instance (an hvsock
+    /// `serve`), whose end at the engine's deadline leaves nothing behind in the worker.
+    async fn call_inner(
+        &self,
+        call: Call,
+        deadline: Duration,
+        kill_on_deadline: bool,
+    ) -> Result<CallReply, WorkerError> {
         let started = Instant::now();
         let mut gone = self.gone.clone();
         if let Some(reason) = gone.borrow().clone() {
@@ -351,7 +436,9 @@ impl Worker {
             Ok(Ok(Ok(reply))) => Ok(reply),
             Ok(Ok(Err(CallFailure::Deadline))) => {
                 // Whatever the plugin was parked in is not trusted to have let go.
-                self.kill();
+                if kill_on_deadline {
+                    self.kill();
+                }
                 Err(WorkerError::Deadline)
             }
             Ok(Ok(Err(failure))) => Err(WorkerError::Call(describe_failure(&failure))),
@@ -365,6 +452,42 @@ impl Worker {
                 Err(WorkerError::Timeout(started.elapsed()))
             }
         }
+    }
+
+    /// Serves the host connection `conn` to `service` (a name of the manifest's
+    /// `hvsock.listen`): its stream goes to the worker, the plugin's `serve` runs on a fresh
+    /// instance within `deadline`, and the core pumps the bytes until both sides are done.
+    /// Returns the call's outcome and what was pumped.
+    pub async fn serve_hvsock(
+        &self,
+        service: &str,
+        conn: crate::hvsock::HvsockStream,
+        deadline: Duration,
+    ) -> (Result<CallReply, WorkerError>, super::broker::PumpSummary) {
+        let Some(streams) = self.streams.clone() else {
+            return (
+                Err(WorkerError::Call(
+                    "the plugin listens on no hvsock service".into(),
+                )),
+                Default::default(),
+            );
+        };
+        let (id, permit, core_end) = match streams.open().await {
+            Ok(opened) => opened,
+            Err(why) => return (Err(WorkerError::Call(why)), Default::default()),
+        };
+        let pump = super::broker::pump(conn, core_end, streams.idle);
+        let call = self.call_inner(
+            Call::ServeHvsock {
+                service: service.to_owned(),
+                conn: id,
+            },
+            deadline,
+            false,
+        );
+        let (reply, summary) = tokio::join!(call, pump);
+        drop(permit);
+        (reply, summary)
     }
 
     /// Asks the worker to finish and exit; kills it if it has not within `grace`.
@@ -426,7 +549,7 @@ async fn serve_worker(
     mut reader: FrameReader,
     outbox: Arc<FrameWriter>,
     pending: Pending,
-    kvp: Arc<dyn KvpStore>,
+    (imports_of, streams): (WorkerImports, Option<Arc<Streams>>),
     kill: mpsc::Sender<()>,
     started: oneshot::Sender<Startup>,
 ) {
@@ -459,9 +582,12 @@ async fn serve_worker(
                 let Ok(permit) = imports.clone().try_acquire_owned() else {
                     break "more imports in flight than allowed".to_owned();
                 };
-                let (manifest, kvp, outbox) = (manifest.clone(), kvp.clone(), outbox.clone());
+                let (manifest, imports_of, outbox) =
+                    (manifest.clone(), imports_of.clone(), outbox.clone());
+                let streams = streams.clone();
                 tokio::spawn(async move {
-                    let reply = serve_import(&manifest, &*kvp, import).await;
+                    let reply =
+                        serve_import(&manifest, &imports_of, streams.as_deref(), import).await;
                     let _ = outbox
                         .send(&wire::encode_to_worker(&ToWorker::ImportReply {
                             id,
@@ -566,11 +692,18 @@ fn plugin_error(e: KvpError) -> PluginError {
 /// Answers a worker's import, with the grants checked here again.
 async fn serve_import(
     manifest: &PluginManifest,
-    store: &dyn KvpStore,
+    imports: &WorkerImports,
+    streams: Option<&Streams>,
     import: Import,
 ) -> ImportReply {
-    let kvp = CheckedKvp { manifest, store };
+    let kvp = CheckedKvp {
+        manifest,
+        store: &*imports.kvp,
+    };
     match import {
+        Import::HvsockConnect { service } => {
+            ImportReply::HvsockConnect(connect_for(manifest, imports, streams, &service).await)
+        }
         Import::KvpGet { pool, key } => {
             ImportReply::KvpGet(kvp.get(pool, key).await.map_err(plugin_error))
         }
@@ -584,6 +717,72 @@ async fn serve_import(
             ImportReply::KvpList(kvp.list(pool, "").await.map_err(plugin_error))
         }
     }
+}
+
+/// A plugin's `hvsock.connect`, checked here again: the grant, the name, the limit.
+async fn connect_for(
+    manifest: &PluginManifest,
+    imports: &WorkerImports,
+    streams: Option<&Streams>,
+    service: &str,
+) -> Result<u64, PluginError> {
+    let refuse = |kind, message: String| PluginError { kind, message };
+    let shown = Escaped::with_max(service, 64);
+    if !manifest.hvsock.connect.iter().any(|s| s == service) {
+        return Err(refuse(
+            ErrorKind::Denied,
+            format!(
+                "plugin `{}` may not connect to hvsock service `{shown}`; add it to hvsock.connect",
+                manifest.name
+            ),
+        ));
+    }
+    let (Some(streams), Some(hv)) = (streams, &imports.hvsock) else {
+        return Err(refuse(
+            ErrorKind::Unavailable,
+            "hvsock is not available in this runtime".into(),
+        ));
+    };
+    let Some(service_id) = hv.resolve(service) else {
+        return Err(refuse(
+            ErrorKind::NotFound,
+            format!("hvsock service `{shown}` is neither in [hvsock.services] nor a GUID or port"),
+        ));
+    };
+    let (id, permit, core_end) = streams
+        .open()
+        .await
+        .map_err(|why| refuse(ErrorKind::Unavailable, why))?;
+    let conn = match hv.hvsock.connect(service_id).await {
+        Ok(c) => c,
+        Err(e) => {
+            return Err(refuse(
+                ErrorKind::Unavailable,
+                format!("hvsock connect to `{shown}`: {e}"),
+            ));
+        }
+    };
+    tracing::info!(
+        plugin = %manifest.name,
+        connection = %conn.info().label,
+        "hvsock: plugin connected to `{shown}`"
+    );
+    let idle = streams.idle;
+    let label = conn.info().label.clone();
+    let plugin = manifest.name.clone();
+    tokio::spawn(async move {
+        let summary = super::broker::pump(conn, core_end, idle).await;
+        drop(permit);
+        tracing::info!(
+            plugin = %plugin,
+            connection = %label,
+            to_host = summary.to_host,
+            to_plugin = summary.to_plugin,
+            idle = summary.idle,
+            "hvsock: plugin's connection closed"
+        );
+    });
+    Ok(id)
 }
 
 /// CPU time (user + system) of `pid` from `/proc/PID/stat`.
@@ -662,7 +861,13 @@ mod tests {
             reader,
             Arc::new(writer),
             pending.clone(),
-            Arc::new(MemoryKvpStore::default()),
+            (
+                WorkerImports {
+                    kvp: Arc::new(MemoryKvpStore::default()),
+                    hvsock: None,
+                },
+                None,
+            ),
             kill_tx,
             started_tx,
         ));
@@ -767,5 +972,35 @@ mod tests {
             replies[&1]
         );
         assert_eq!(replies[&2], ImportReply::KvpSet(Ok(())));
+    }
+
+    #[tokio::test]
+    async fn an_hvsock_connect_the_manifest_does_not_grant_is_denied_by_the_core() {
+        // A compromised worker skips its own check: the core's still refuses.
+        let mut h = harness();
+        h.worker
+            .send(&wire::encode_to_core(&ToCore::Import {
+                id: 5,
+                import: Import::HvsockConnect {
+                    service: "host-secrets".into(),
+                },
+            }))
+            .await
+            .unwrap();
+        let payload = tokio::time::timeout(Duration::from_secs(5), h.from_core.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match wire::decode_to_worker(&payload).unwrap() {
+            ToWorker::ImportReply {
+                id: 5,
+                reply: ImportReply::HvsockConnect(Err(e)),
+            } => {
+                assert_eq!(e.kind, ErrorKind::Denied);
+                assert!(e.message.contains("hvsock.connect"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

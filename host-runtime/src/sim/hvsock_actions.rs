@@ -129,6 +129,8 @@ struct ConnOutcome {
     bytes_received: usize,
     sent_before_reading: Option<usize>,
     echo_ok: Option<bool>,
+    /// Without `expect: echo`: what the guest sent (its first 4 KiB, as text).
+    reply_text: Option<String>,
     guest_fin: bool,
     kept: Option<KeptConnection>,
 }
@@ -450,6 +452,9 @@ fn record_connects(
         if let Some(n) = only.sent_before_reading {
             entry.insert("sent_before_reading".into(), json!(n));
         }
+        if let Some(text) = &only.reply_text {
+            entry.insert("reply_text".into(), json!(text));
+        }
     } else if !outcomes.is_empty() {
         let at = |q: f64| outcomes[((outcomes.len() - 1) as f64 * q) as usize].elapsed_us;
         entry.insert(
@@ -525,6 +530,8 @@ async fn host_connect(
         bytes_received: got.len(),
         sent_before_reading,
         echo_ok: plan.expect_echo.then(|| got == data),
+        reply_text: (!plan.expect_echo)
+            .then(|| String::from_utf8_lossy(&got[..got.len().min(4096)]).into_owned()),
         guest_fin,
         kept: None,
     };
@@ -647,14 +654,31 @@ async fn serve_guest_connection(
                 (n, n)
             }
             Reply::Text(text) => {
+                // A line service: the answer goes out after the request's first line (or its
+                // FIN), then the rest is read until the FIN.
                 let mut request = Vec::new();
-                rx.read_to_end(&mut request)
-                    .await
-                    .map_err(|e| format!("{label}: reading: {e}"))?;
+                let mut byte = [0u8; 1];
+                while request.len() < 64 << 10 {
+                    let n = rx
+                        .read(&mut byte)
+                        .await
+                        .map_err(|e| format!("{label}: reading: {e}"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    request.push(byte[0]);
+                    if byte[0] == b'\n' {
+                        break;
+                    }
+                }
                 tx.write_all(text)
                     .await
                     .map_err(|e| format!("{label}: writing: {e}"))?;
-                (request.len() as u64, text.len() as u64)
+                let mut rest = Vec::new();
+                rx.read_to_end(&mut rest)
+                    .await
+                    .map_err(|e| format!("{label}: reading: {e}"))?;
+                ((request.len() + rest.len()) as u64, text.len() as u64)
             }
             Reply::Refuse(_) => (0, 0),
         };

@@ -519,11 +519,25 @@ pub async fn run_embedded(
     if config.vss.dry_run.is_none() {
         config.vss.dry_run = Some(true);
     }
-    let services = Services::new(config.clone())?;
+    // hvsock connections go to the plugins' services; plugins connect through the simulated
+    // host's ROOT/control.
+    let broker = crate::plugins::broker::PluginBroker::new();
+    let acceptor: Option<std::sync::Arc<dyn crate::hvsock::HvsockAcceptor>> =
+        if config.plugin.is_empty() {
+            None
+        } else {
+            Some(broker.clone())
+        };
+    let hvsock = crate::hvsock::Hvsock::new(acceptor, config.hvsock.options());
+    hvsock.set_connector(crate::hvsock::Connector::Shm { root: root.clone() });
+    let services = Services::new(config.clone())?.with_hvsock(hvsock);
     // Plugins from the config serve the simulated guest too (their keys show in the transcript).
     let plugins = crate::plugins::Plugins::start(&config, &services).await?;
     if let (Some(vss), Some(plugins)) = (services.vss_core(), &plugins) {
         vss.set_plugins(plugins.clone());
+    }
+    if let Some(plugins) = &plugins {
+        broker.set_plugins(plugins);
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let runtime = tokio::spawn(crate::runtime::run_shm(

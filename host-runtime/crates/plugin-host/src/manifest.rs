@@ -153,6 +153,14 @@ pub struct Limits {
     pub cpu_window_s: u64,
     /// Log lines a minute the plugin may write (after a burst of as many); the rest are counted.
     pub log_lines_per_minute: u32,
+    /// hvsock connections (served and opened together) the plugin may have open at once; more
+    /// are closed at once (a served one) or refused with `unavailable` (a connect).
+    pub hvsock_connections: u32,
+    /// An hvsock connection with no byte in either direction for this long is closed, in ms.
+    pub hvsock_idle_ms: u64,
+    /// Bytes of one hvsock connection buffered between the core and the worker, each way, in
+    /// KiB (the socket buffers; the core's copy buffer adds at most 64 KiB).
+    pub hvsock_buffer_kib: u32,
 }
 
 impl Default for Limits {
@@ -166,6 +174,9 @@ impl Default for Limits {
             cpu_percent: 25,
             cpu_window_s: 10,
             log_lines_per_minute: 60,
+            hvsock_connections: 16,
+            hvsock_idle_ms: 60_000,
+            hvsock_buffer_kib: 256,
         }
     }
 }
@@ -306,6 +317,27 @@ impl PluginManifest {
                 "limits.cpu-percent",
                 format!("{}% is out of range", l.cpu_percent),
                 "use a value from 1 to 100 (default 25)",
+            );
+        }
+        if l.hvsock_connections == 0 || l.hvsock_connections > 256 {
+            err(
+                "limits.hvsock-connections",
+                format!("{} is out of range", l.hvsock_connections),
+                "use a value from 1 to 256 (default 16)",
+            );
+        }
+        if l.hvsock_idle_ms == 0 || l.hvsock_idle_ms > 86_400_000 {
+            err(
+                "limits.hvsock-idle-ms",
+                format!("{} ms is out of range", l.hvsock_idle_ms),
+                "use a value from 1 to 86400000 (default 60000)",
+            );
+        }
+        if l.hvsock_buffer_kib < 8 || l.hvsock_buffer_kib > 4096 {
+            err(
+                "limits.hvsock-buffer-kib",
+                format!("{} KiB is out of range", l.hvsock_buffer_kib),
+                "use a value from 8 to 4096 (default 256)",
             );
         }
         if l.cpu_window_s == 0 || l.cpu_window_s > 3600 {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::kvp::{Pool, Value};
 
 /// Version of this message set; both sides must agree.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side sends or accepts (a `describe` of thousands of keys fits).
 pub const MAX_FRAME: usize = 4 << 20;
@@ -69,6 +69,11 @@ pub struct Init {
     /// Whether the worker must refuse to start without Landlock (tests set it on kernels that
     /// have it, so a silent downgrade fails them).
     pub require_landlock: bool,
+    /// The worker's end of the stream socket (a `SOCK_SEQPACKET` socketpair), for a plugin
+    /// that serves or opens hvsock connections: each connection's byte stream reaches the
+    /// worker as one descriptor there, sent with `SCM_RIGHTS` and tagged with its connection id
+    /// (see [`StreamTag`]). `None` for every other plugin.
+    pub streams_fd: Option<i32>,
     /// Debug builds only: after confinement, try these escapes and report them instead of
     /// serving (the compromised-worker test). Ignored by release builds.
     pub escape_test: Vec<String>,
@@ -112,6 +117,22 @@ pub enum Call {
     PostThaw(FreezeContext, FreezeOutcome),
     /// A freeze policy's `plan`.
     Plan(Vec<Mount>),
+    /// An hvsock service's `serve` of one connection (on a fresh instance). The connection's
+    /// stream was sent on the stream socket before this call, tagged `conn`.
+    ServeHvsock {
+        /// The service name from the manifest's `hvsock.listen`.
+        service: String,
+        /// The connection id tagging its stream.
+        conn: u64,
+    },
+}
+
+/// The bytes that travel with each descriptor on the stream socket: the connection's id.
+pub type StreamTag = [u8; 8];
+
+/// The tag of connection `conn`.
+pub fn stream_tag(conn: u64) -> StreamTag {
+    conn.to_le_bytes()
 }
 
 /// What a freeze hook is told.
@@ -169,6 +190,8 @@ pub enum CallReply {
     PreFreeze(Result<(), String>),
     /// `plan`: mount points in order, or a refusal with a reason.
     Plan(Result<Vec<String>, String>),
+    /// `serve`: the connection ended, cleanly or with the plugin's reason.
+    Served(Result<(), String>),
 }
 
 /// An error a plugin returns through its WIT `error` variant.
@@ -240,6 +263,12 @@ pub enum Import {
         /// The pool.
         pool: Pool,
     },
+    /// `hvsock.connect`: the core checks the grant, connects, and sends the stream on the
+    /// stream socket (tagged with the connection id of the reply) before it replies.
+    HvsockConnect {
+        /// The service name (one of the manifest's `hvsock.connect`).
+        service: String,
+    },
 }
 
 /// The core's answer to an [`Import`].
@@ -253,6 +282,8 @@ pub enum ImportReply {
     KvpDelete(Result<bool, PluginError>),
     /// `kvp-store.list`.
     KvpList(Result<Vec<String>, PluginError>),
+    /// `hvsock.connect`: the connection id of the stream sent on the stream socket.
+    HvsockConnect(Result<u64, PluginError>),
 }
 
 /// Log levels a plugin may write at.
@@ -413,6 +444,16 @@ mod tests {
                 value: Value::U64(9),
             },
         });
+        round_trip_core(ToCore::Import {
+            id: 1 << 63,
+            import: Import::HvsockConnect {
+                service: "host-time".into(),
+            },
+        });
+        round_trip_core(ToCore::Reply {
+            id: 9,
+            reply: Ok(CallReply::Served(Err("bye".into()))),
+        });
         round_trip_core(ToCore::Log {
             level: LogLevel::Warn,
             message: "line\nforged".into(),
@@ -431,6 +472,7 @@ mod tests {
                 writable: true,
             }],
             require_landlock: false,
+            streams_fd: Some(6),
             escape_test: vec![],
         });
         let frame = encode_to_worker(&init);

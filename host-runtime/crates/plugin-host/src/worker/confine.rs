@@ -34,6 +34,8 @@ const BASE_NOFILE: u64 = 64;
 /// Address space beyond the plugin's memory: the binary, its libraries, the runtime, thread and
 /// fiber stacks, the loaded component's code.
 const BASE_ADDRESS_SPACE: u64 = 1 << 30;
+/// Address space of one hvsock connection's instance beyond its linear memory: its fiber stack.
+const CONNECTION_STACK: u64 = 4 << 20;
 /// Tasks of the worker user (threads count): a cap, not a budget; process creation is refused by
 /// the seccomp filter anyway.
 const MAX_TASKS: u64 = 512;
@@ -55,6 +57,7 @@ fn limit(resource: Resource, value: u64) -> Result<(), String> {
 pub(super) fn confine(
     init: &Init,
     memory_mib: u32,
+    connections: u32,
 ) -> Result<(String, Vec<std::os::fd::OwnedFd>), String> {
     let tasks = std::fs::read_dir("/proc/self/task")
         .map(|d| d.count())
@@ -68,10 +71,17 @@ pub(super) fn confine(
     let mut report = Vec::new();
 
     limit(Resource::Core, 0)?;
-    limit(Resource::Nofile, BASE_NOFILE + init.dirs.len() as u64)?;
+    // Each hvsock connection is one socket end in the worker, served by an instance of its own
+    // (its linear memory and its fiber stack).
+    limit(
+        Resource::Nofile,
+        BASE_NOFILE + init.dirs.len() as u64 + 2 * u64::from(connections),
+    )?;
     limit(
         Resource::As,
-        BASE_ADDRESS_SPACE + 4 * (u64::from(memory_mib) << 20),
+        BASE_ADDRESS_SPACE
+            + (4 + u64::from(connections)) * (u64::from(memory_mib) << 20)
+            + u64::from(connections) * CONNECTION_STACK,
     )?;
     limit(Resource::Nproc, MAX_TASKS)?;
 
@@ -199,6 +209,8 @@ const ALLOWED: &[i64] = &[
     libc::SYS_recvmsg,
     libc::SYS_sendto,
     libc::SYS_sendmsg,
+    // The FIN of an hvsock connection's stream (its socket end, from the core).
+    libc::SYS_shutdown,
     libc::SYS_close,
     libc::SYS_fstat,
     libc::SYS_newfstatat,

@@ -35,10 +35,15 @@ pub(crate) struct ForwardingKvpStore {
 
 impl ForwardingKvpStore {
     pub(crate) fn new(outbox: Outbox, pending: Pending) -> Self {
+        Self::new_with_ids(outbox, pending, 1)
+    }
+
+    /// Import ids from `first` (two forwarders sharing `pending` use disjoint ranges).
+    pub(crate) fn new_with_ids(outbox: Outbox, pending: Pending, first: u64) -> Self {
         Self {
             outbox,
             pending,
-            next: AtomicU64::new(1),
+            next: AtomicU64::new(first),
         }
     }
 
@@ -115,6 +120,54 @@ impl KvpStore for ForwardingKvpStore {
                 ImportReply::KvpList(r) => r.map_err(kvp_error),
                 _ => mismatch(),
             }
+        })
+    }
+}
+
+/// The `hvsock` import of a worker: the core checks the grant and connects; the connection's
+/// socket end arrives on the stream socket, tagged with the id the reply names.
+pub(crate) struct ForwardingConnector {
+    ask: ForwardingKvpStore,
+    inbox: Arc<super::streams::StreamInbox>,
+}
+
+impl ForwardingConnector {
+    pub(crate) fn new(
+        outbox: Outbox,
+        pending: Pending,
+        inbox: Arc<super::streams::StreamInbox>,
+    ) -> Self {
+        Self {
+            ask: ForwardingKvpStore::new_with_ids(outbox, pending, 1 << 63),
+            inbox,
+        }
+    }
+}
+
+impl crate::HvsockConnector for ForwardingConnector {
+    fn connect(&self, service: &str) -> crate::ConnectFuture<'_> {
+        let reply = self.ask.ask(Import::HvsockConnect {
+            service: service.to_owned(),
+        });
+        Box::pin(async move {
+            let conn = match reply.await? {
+                ImportReply::HvsockConnect(r) => r.map_err(kvp_error)?,
+                _ => return mismatch(),
+            };
+            let fd = self
+                .inbox
+                .take(conn, std::time::Duration::from_secs(5))
+                .await
+                .ok_or_else(|| {
+                    KvpError::Unavailable("the connection's stream did not arrive".into())
+                })?;
+            let stream = super::streams::tokio_stream(fd)
+                .map_err(|e| KvpError::Failed(format!("the connection's stream: {e}")))?;
+            let (r, w) = stream.into_split();
+            Ok((
+                Box::pin(r) as crate::BoxedReader,
+                Box::pin(w) as crate::BoxedWriter,
+            ))
         })
     }
 }

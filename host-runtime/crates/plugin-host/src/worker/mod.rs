@@ -21,6 +21,7 @@ mod escape;
 mod imports;
 pub mod link;
 mod logs;
+pub mod streams;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -131,7 +132,12 @@ pub fn run(control_fd: i32) -> Result<(), WorkerError> {
         .enable_all()
         .build()
         .map_err(|e| WorkerError::Control(format!("async runtime: {e}")))?;
-    let (report, _grants) = match confine::confine(&init, manifest.limits.memory_mib) {
+    let connections = if init.streams_fd.is_some() {
+        manifest.limits.hvsock_connections
+    } else {
+        0
+    };
+    let (report, _grants) = match confine::confine(&init, manifest.limits.memory_mib, connections) {
         Ok(confined) => confined,
         Err(e) => {
             let why = fail(&mut stream, format!("confinement failed: {e}"));
@@ -173,12 +179,29 @@ async fn serve(
     };
     logs::install(outbox.clone());
     let pending: imports::Pending = Arc::new(Mutex::new(HashMap::new()));
+    // hvsock connections arrive as descriptors on the stream socket.
+    let inbox = match init.streams_fd {
+        None => None,
+        Some(fd) => {
+            match hvisd_sys::process::adopt_inherited_fd(fd).and_then(streams::StreamInbox::start) {
+                Ok(inbox) => Some(inbox),
+                Err(e) => return init_failed(&outbox, format!("stream socket: {e}")).await,
+            }
+        }
+    };
+    let hvsock: Option<Arc<dyn crate::HvsockConnector>> = inbox.clone().map(|inbox| {
+        Arc::new(imports::ForwardingConnector::new(
+            outbox.clone(),
+            pending.clone(),
+            inbox,
+        )) as Arc<dyn crate::HvsockConnector>
+    });
     let host = match PluginHost::for_worker(HostServices {
         kvp: Arc::new(imports::ForwardingKvpStore::new(
             outbox.clone(),
             pending.clone(),
         )),
-        hvsock: None,
+        hvsock,
     }) {
         Ok(h) => Arc::new(h),
         Err(e) => return init_failed(&outbox, e.to_string()).await,
@@ -193,8 +216,9 @@ async fn serve(
                 match wire::decode_to_worker(&payload) {
                     Ok(ToWorker::Call { id, call }) => {
                         let (host, writer, plugin) = (host.clone(), writer.clone(), plugin.clone());
+                        let inbox = inbox.clone();
                         tokio::spawn(async move {
-                            let reply = handle(&host, &plugin, call).await;
+                            let reply = handle(&host, &plugin, inbox.as_deref(), call).await;
                             let _ = writer
                                 .send(&wire::encode_to_core(&ToCore::Reply { id, reply }))
                                 .await;
@@ -280,8 +304,31 @@ fn freeze_context(ctx: wire::FreezeContext) -> FreezeContext {
 }
 
 /// One call on the worker's one plugin.
-async fn handle(host: &PluginHost, plugin: &str, call: Call) -> Result<CallReply, CallFailure> {
+async fn handle(
+    host: &PluginHost,
+    plugin: &str,
+    inbox: Option<&streams::StreamInbox>,
+    call: Call,
+) -> Result<CallReply, CallFailure> {
     match call {
+        Call::ServeHvsock { service, conn } => {
+            let inbox = inbox.ok_or(CallFailure::NotProvided)?;
+            // The core sent the descriptor before the call: it is there, or the core is gone.
+            let fd = inbox
+                .take(conn, Duration::from_secs(5))
+                .await
+                .ok_or_else(|| CallFailure::Trap(format!("no stream for connection {conn}")))?;
+            let stream = streams::tokio_stream(fd)
+                .map_err(|e| CallFailure::Trap(format!("connection {conn}: {e}")))?;
+            // tokio's write half sends the FIN (shutdown of writing) when it is dropped, with
+            // the plugin's instance, whether or not the plugin closed its stream.
+            let (r, w) = stream.into_split();
+            match host.serve_hvsock(&service, Box::pin(r), Box::pin(w)).await {
+                Ok(()) => Ok(CallReply::Served(Ok(()))),
+                Err(CallError::Plugin(e)) => Ok(CallReply::Served(Err(e.to_string()))),
+                Err(e) => Err(failure(e)),
+            }
+        }
         Call::Describe => {
             let keys = host
                 .provider_keys()
