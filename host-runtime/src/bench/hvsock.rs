@@ -8,6 +8,11 @@
 //! reader of the host side running at once) and the round trip of a 64-byte message (p50,
 //! p99), and beside them, in the same run and placement, the raw ring throughput of
 //! `hvisd-ring`'s benchmark with packets of the stream's chunk size.
+//!
+//! Two echoes: `core` (a Rust echo in the runtime's process) and `plugin` (the broker hands each
+//! connection to the `hvsock-misbehave` test plugin's `echo` service, a WebAssembly component in
+//! its confined worker process; the worker inherits the guest thread's CPU). The plugin case is
+//! the figure the product promises: a host tool talking to a sandboxed plugin.
 
 use crate::config::Config;
 use crate::hvsock::echo::EchoAcceptor;
@@ -38,6 +43,29 @@ pub struct HvsockBenchOptions {
     pub echo_bytes: usize,
     /// Round trips per latency case.
     pub round_trips: usize,
+    /// The echoes to measure.
+    pub echoes: Vec<Echo>,
+}
+
+/// Who echoes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Echo {
+    /// A Rust echo in the runtime's process.
+    Core,
+    /// The `hvsock-misbehave` plugin's `echo` service in its worker, through the broker.
+    Plugin,
+}
+
+impl Echo {
+    /// Parses `core` or `plugin`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "core" => Some(Echo::Core),
+            "plugin" => Some(Echo::Plugin),
+            _ => None,
+        }
+    }
 }
 
 impl Default for HvsockBenchOptions {
@@ -48,6 +76,7 @@ impl Default for HvsockBenchOptions {
             placements: Placement::ALL.to_vec(),
             echo_bytes: 256 << 20,
             round_trips: 20_000,
+            echoes: vec![Echo::Core, Echo::Plugin],
         }
     }
 }
@@ -55,6 +84,8 @@ impl Default for HvsockBenchOptions {
 /// One ring size and placement.
 #[derive(Debug, Clone, Serialize)]
 pub struct HvsockBenchCase {
+    /// Who echoed.
+    pub echo: Echo,
     /// Ring size, control page included.
     pub ring_size: usize,
     /// Where the threads ran.
@@ -103,7 +134,8 @@ impl HvsockBenchReport {
             println!("skipped: {s}");
         }
         println!(
-            "{:>8} {:>9} {:>7} {:>7} {:>12} {:>10} {:>10} {:>12}",
+            "{:>7} {:>8} {:>9} {:>7} {:>7} {:>12} {:>10} {:>10} {:>12}",
+            "echo",
             "ring",
             "placement",
             "cpus",
@@ -115,7 +147,11 @@ impl HvsockBenchReport {
         );
         for c in &self.cases {
             println!(
-                "{:>7}K {:>9} {:>3},{:<3} {:>7} {:>12.1} {:>8.1}us {:>8.1}us {:>12.2}",
+                "{:>7} {:>7}K {:>9} {:>3},{:<3} {:>7} {:>12.1} {:>8.1}us {:>8.1}us {:>12.2}",
+                match c.echo {
+                    Echo::Core => "core",
+                    Echo::Plugin => "plugin",
+                },
                 c.ring_size / 1024,
                 c.placement.name(),
                 c.cpus.0,
@@ -159,23 +195,42 @@ pub fn run(opts: &HvsockBenchOptions) -> Result<HvsockBenchReport> {
     let cpus = allowed_cpus();
     let mut cases = Vec::new();
     let mut skipped = Vec::new();
-    for &ring_size in &opts.ring_sizes {
-        hvisd_ring::check_ring_size(ring_size)?;
-        for &placement in &opts.placements {
-            let (guest_cpu, host_cpu) = match (placement, cpus.as_slice()) {
-                (_, []) => bail!("no CPU in this process's affinity mask"),
-                (Placement::SameCpu, [first, ..]) => (*first, *first),
-                (Placement::Split, [first, second, ..]) => (*first, *second),
-                (Placement::Split, _) => {
-                    skipped.push(format!("split needs two CPUs, allowed: {cpus:?}"));
-                    continue;
-                }
-            };
-            cases.push(run_case(opts, ring_size, placement, guest_cpu, host_cpu)?);
+    let plugin = if opts.echoes.contains(&Echo::Plugin) {
+        let built = hvisd_plugin_host::build::build_plugins(
+            &hvisd_plugin_host::build::plugins_workspace(),
+            "release",
+        )?;
+        Some(
+            built
+                .get("hvsock-misbehave")
+                .context("plugin `hvsock-misbehave` was not built")?
+                .clone(),
+        )
+    } else {
+        None
+    };
+    for &echo in &opts.echoes {
+        for &ring_size in &opts.ring_sizes {
+            hvisd_ring::check_ring_size(ring_size)?;
+            for &placement in &opts.placements {
+                let (guest_cpu, host_cpu) = match (placement, cpus.as_slice()) {
+                    (_, []) => bail!("no CPU in this process's affinity mask"),
+                    (Placement::SameCpu, [first, ..]) => (*first, *first),
+                    (Placement::Split, [first, second, ..]) => (*first, *second),
+                    (Placement::Split, _) => {
+                        skipped.push(format!("split needs two CPUs, allowed: {cpus:?}"));
+                        continue;
+                    }
+                };
+                let wasm = plugin.clone().filter(|_| echo == Echo::Plugin);
+                cases.push(run_case(
+                    opts, wasm, ring_size, placement, guest_cpu, host_cpu,
+                )?);
+            }
         }
     }
     Ok(HvsockBenchReport {
-        pinning: "guest = the runtime (run_shm + echo acceptor) on a current-thread tokio runtime in one thread pinned to cpus.0; host = one thread with its own current-thread runtime pinned to cpus.1; the raw ring baseline pins its writer to cpus.1 and reader to cpus.0 (split) or both to cpus.0 (same-cpu)",
+        pinning: "guest = the runtime (run_shm + the core's echo, or the broker and the plugin's worker process, which inherits the pin) on a current-thread tokio runtime in one thread pinned to cpus.0; host = one thread with its own current-thread runtime pinned to cpus.1; the raw ring baseline pins its writer to cpus.1 and reader to cpus.0 (split) or both to cpus.0 (same-cpu)",
         cpus,
         load_average_1m: load_average(),
         cases,
@@ -194,27 +249,70 @@ fn load_average() -> Option<f64> {
 
 fn run_case(
     opts: &HvsockBenchOptions,
+    plugin: Option<std::path::PathBuf>,
     ring_size: usize,
     placement: Placement,
     guest_cpu: usize,
     host_cpu: usize,
 ) -> Result<HvsockBenchCase> {
     let dir = tempfile::tempdir()?;
-    let root = dir.path().to_owned();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root)?;
+    // The plugin's KVP pools and compile cache, beside the shm root.
+    let state = dir.path().join("state");
+    let plugin_case = plugin.is_some();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let guest_root = root.clone();
     let guest = std::thread::spawn(move || -> Result<()> {
         pin(guest_cpu)?;
         current_thread_runtime()?.block_on(async move {
-            let mut config = Config::default();
-            // No KVP: the benchmark must not touch the machine's pools.
-            config.services.kvp = false;
-            let hvsock = Hvsock::new(
-                Some(Arc::new(EchoAcceptor::with_buffer(64 << 10))),
-                HvsockOptions::default(),
-            );
-            let services = Services::new(config)?.with_hvsock(hvsock);
-            crate::runtime::run_shm(ShmRoot::new(guest_root), services, stop_rx).await?;
+            let Some(wasm) = plugin else {
+                let mut config = Config::default();
+                // No KVP: the benchmark must not touch the machine's pools.
+                config.services.kvp = false;
+                let hvsock = Hvsock::new(
+                    Some(Arc::new(EchoAcceptor::with_buffer(64 << 10))),
+                    HvsockOptions::default(),
+                );
+                let services = Services::new(config)?.with_hvsock(hvsock);
+                crate::runtime::run_shm(ShmRoot::new(guest_root), services, stop_rx).await?;
+                return Ok(());
+            };
+            std::fs::create_dir_all(state.join("pools"))?;
+            let config = Config::parse(
+                &format!(
+                    r#"
+[kvp]
+pool_dir = '{pools}'
+[plugins]
+cache_dir = '{cache}'
+[hvsock.services]
+echo = "5000"
+[[plugin]]
+name = "hvsock-misbehave"
+path = '{wasm}'
+worlds = ["hvsock-service"]
+[plugin.hvsock]
+listen = ["echo"]
+[plugin.limits]
+cpu-percent = 100
+"#,
+                    pools = state.join("pools").display(),
+                    cache = state.join("cache").display(),
+                    wasm = wasm.display(),
+                ),
+                "bench hvsock",
+            )?;
+            let broker = crate::plugins::broker::PluginBroker::new();
+            let hvsock = Hvsock::new(Some(broker.clone()), HvsockOptions::default());
+            let services = Services::new(config.clone())?.with_hvsock(hvsock);
+            let plugins = crate::plugins::Plugins::start(&config, &services)
+                .await?
+                .context("no plugins")?;
+            broker.set_plugins(&plugins);
+            let served = crate::runtime::run_shm(ShmRoot::new(guest_root), services, stop_rx).await;
+            plugins.shutdown().await;
+            served?;
             Ok(())
         })
     });
@@ -289,6 +387,11 @@ fn run_case(
     let at = |q: f64| rtts[((rtts.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
     let raw_ring_gb_per_sec = raw_ring(ring_size, placement, chunk)?;
     Ok(HvsockBenchCase {
+        echo: if plugin_case {
+            Echo::Plugin
+        } else {
+            Echo::Core
+        },
         ring_size,
         placement,
         cpus: (guest_cpu, host_cpu),

@@ -71,6 +71,10 @@ pub enum BenchCommand {
         /// `same-cpu`, `split`, or both (the default).
         #[arg(long)]
         placement: Option<String>,
+        /// Who echoes: `core` (a Rust echo in the runtime), `plugin` (a WebAssembly plugin in
+        /// its worker, through the broker), or both (the default).
+        #[arg(long)]
+        echo: Option<String>,
         /// MiB echoed per throughput case.
         #[arg(long, default_value_t = 256)]
         echo_mib: usize,
@@ -123,6 +127,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             json,
             ring_kib,
             placement,
+            echo,
             echo_mib,
             round_trips,
         } => {
@@ -131,6 +136,12 @@ pub fn run(command: BenchCommand) -> Result<()> {
                 round_trips,
                 ..Default::default()
             };
+            if let Some(name) = echo.as_deref().filter(|e| *e != "both") {
+                opts.echoes = vec![
+                    hvsock::Echo::parse(name)
+                        .with_context(|| format!("--echo {name:?}: use core, plugin or both"))?,
+                ];
+            }
             if let Some(kib) = ring_kib {
                 opts.ring_sizes = kib.into_iter().map(|k| k * 1024).collect();
             }

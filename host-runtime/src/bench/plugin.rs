@@ -456,7 +456,11 @@ pub async fn run(calls: u32) -> Result<PluginBenchReport> {
                 escape_test: Vec::new(),
             };
             let t = Instant::now();
-            let (worker, _) = Worker::start(spec, kvp.clone()).await?;
+            let imports = crate::plugins::worker::WorkerImports {
+                kvp: kvp.clone(),
+                hvsock: None,
+            };
+            let (worker, _) = Worker::start(spec, imports).await?;
             samples.push(t.elapsed());
             worker.shutdown(Duration::from_secs(2)).await;
         }
