@@ -44,9 +44,17 @@ enum Command {
     },
     /// Run the embedded simulator and the runtime together and print the transcript.
     Sim {
-        /// A host script to play instead of the built-in tour.
+        /// A host script to play instead of the built-in tour (prints its JSON transcript).
         #[arg(long)]
         script: Option<PathBuf>,
+        /// Print the tour's report as JSON (steps, verdicts, timings and the host's transcript).
+        #[arg(long)]
+        json: bool,
+        /// Directory of the example plugins' components (`app_version.wasm`, `flush_hold.wasm`,
+        /// `status_echo.wasm`); default: $HVISD_PLUGINS_DIR, /usr/lib/hvisd/plugins, or this
+        /// source tree's plugins/target build.
+        #[arg(long)]
+        plugins: Option<PathBuf>,
         /// Keep the shm root here instead of a temporary directory.
         #[arg(long)]
         root: Option<PathBuf>,
@@ -167,11 +175,28 @@ fn main() -> Result<()> {
         },
         Command::Sim {
             script,
+            json,
+            plugins,
             root,
             config,
         } => {
             let config = load_config(config.as_ref())?;
-            runtime()?.block_on(sim(script, root, config))
+            if script.is_some() {
+                return runtime()?.block_on(sim(script, root, config));
+            }
+            // Before any thread exists: the loop mount needs a private mount namespace.
+            let (mount, freeze) = match hvisd::sim::tour::TourMount::make() {
+                Ok(m) => {
+                    let freeze = hvisd::sim::tour::FreezeSetup::Loop {
+                        mount: m.path().to_owned(),
+                    };
+                    (Some(m), freeze)
+                }
+                Err(why) => (None, hvisd::sim::tour::FreezeSetup::DryRun { why }),
+            };
+            let result = runtime()?.block_on(tour(config, plugins, freeze, json));
+            drop(mount);
+            result
         }
         Command::PluginWorker => Ok(()),
         Command::Plugin {
@@ -438,13 +463,55 @@ async fn host_script(root: PathBuf, file: PathBuf) -> Result<()> {
     Ok(())
 }
 
+async fn tour(
+    config: Config,
+    plugins: Option<PathBuf>,
+    freeze: hvisd::sim::tour::FreezeSetup,
+    json: bool,
+) -> Result<()> {
+    use hvisd::sim::tour;
+    let dir = tour::find_example_plugins(plugins.as_deref()).map_err(anyhow::Error::msg)?;
+    // The plugins' data and the VSS journal: on a tmpfs when there is one, which no backup
+    // freezes (so the example hook's directory is never on a frozen file system).
+    let state = tempfile::Builder::new()
+        .prefix("hvisd-sim")
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())?;
+    let config =
+        tour::tour_config(config, &dir, state.path(), &freeze).map_err(anyhow::Error::msg)?;
+    let report = tour::run(config, &freeze, dir.display().to_string()).await?;
+    let text = if json {
+        serde_json::to_string_pretty(&report)? + "\n"
+    } else {
+        report.render()
+    };
+    write_stdout(&text)?;
+    if !report.ok() {
+        bail!(
+            "{} of {} tour steps failed",
+            report.failed,
+            report.steps.len()
+        );
+    }
+    Ok(())
+}
+
+/// Writes to stdout; a closed stdout (`hvisd sim | head -1`) ends the output quietly.
+fn write_stdout(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
 async fn sim(script: Option<PathBuf>, root: Option<PathBuf>, config: Config) -> Result<()> {
     let script = match script {
         Some(path) => hvisd::sim::Script::load(&path)?,
         None => hvisd::sim::Script::tour(),
     };
     let transcript = hvisd::sim::run_embedded(&script, root.as_deref(), config).await?;
-    println!("{}", serde_json::to_string_pretty(&transcript)?);
+    write_stdout(&(serde_json::to_string_pretty(&transcript)? + "\n"))?;
     if !transcript.ok() {
         bail!(
             "{} of {} host actions failed",

@@ -10,6 +10,7 @@ mod hvsock_actions;
 mod ic_actions;
 mod kvp_actions;
 mod script;
+pub mod tour;
 mod vss_actions;
 
 pub use script::{Action, Script, ScriptError};

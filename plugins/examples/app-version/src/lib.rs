@@ -3,7 +3,10 @@
 //!
 //! - `app.version`: first line of `/app/VERSION` (read once per instance), or `unknown`;
 //! - `app.health`: `ok` if `/app/health` contains `ok`, its first line otherwise,
-//!   `down` if the file is missing (read on every call, so it is current).
+//!   `down` if the file is missing (read on every call, so it is current);
+//! - when the host sets an `app.*` key in the External pool (`Set-VMKeyValuePair`), the plugin
+//!   records `KEY=VALUE` as `app.last-host-set` in the Guest pool, for the host to read back
+//!   (needs `access = "read-write"` on the Guest grant; without it the plugin only logs).
 //!
 //! Manifest:
 //!
@@ -15,6 +18,7 @@
 //! [[plugin.kvp]]
 //! pool = "guest"
 //! keys = ["app.*"]
+//! access = "read-write"
 //! [[plugin.kvp]]
 //! pool = "external"
 //! keys = ["app.*"]
@@ -25,7 +29,7 @@
 
 use std::sync::OnceLock;
 
-use hvisd_sdk::{Error, KvpProvider, Pool, ProviderInfo, Value, log};
+use hvisd_sdk::{Error, KvpProvider, Pool, ProviderInfo, Value, kvp, log};
 
 struct AppVersion;
 
@@ -61,8 +65,18 @@ impl KvpProvider for AppVersion {
     }
 
     fn on_host_set(_pool: Pool, key: &str, value: Value) {
-        if key.starts_with("app.") {
-            log::info(&format!("host set {key} = {value:?}"));
+        if !key.starts_with("app.") {
+            return;
+        }
+        let text = match &value {
+            Value::Text(t) => t.clone(),
+            Value::U32(n) => n.to_string(),
+            Value::U64(n) => n.to_string(),
+        };
+        log::info(&format!("host set {key} = {text:?}"));
+        let record = Value::Text(format!("{key}={text}"));
+        if let Err(e) = kvp::set(Pool::Guest, "app.last-host-set", &record) {
+            log::warn(&format!("cannot record app.last-host-set: {e:?}"));
         }
     }
 }
