@@ -279,6 +279,7 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
     if let (Some(plugins), Some(path)) = (plugins.clone(), config_path) {
         tokio::spawn(reload_on_sighup(plugins, path));
     }
+    let vss_core = services.vss_core().cloned();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let _listeners = hvisd::hvsock::start_listeners(&hvsock, &config.hvsock, &stop_rx)?;
     #[cfg(debug_assertions)]
@@ -359,7 +360,7 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
         }
     };
     tokio::pin!(serve);
-    tokio::select! {
+    let served = tokio::select! {
         r = &mut serve => r,
         r = stop_signal() => {
             r?;
@@ -375,7 +376,19 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
                 }
             }
         }
+    };
+    // Whatever ended the transports: nothing stays frozen, held KVP writes reach the pools,
+    // the workers stop.
+    if let Some(vss) = &vss_core
+        && vss.shutdown().await
+    {
+        tracing::info!("file systems thawed at shutdown");
     }
+    if let Some(plugins) = &plugins {
+        plugins.shutdown().await;
+    }
+    tracing::info!("stopped");
+    served
 }
 
 /// What accepts host-initiated hvsock connections: the plugin broker, when plugins are (or may

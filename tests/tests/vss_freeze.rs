@@ -440,6 +440,35 @@ fn a_host_that_never_thaws_is_overruled_by_the_watchdog() {
 }
 
 #[test]
+fn sigterm_while_frozen_thaws_before_the_daemon_exits() {
+    let config = config("/run/pools", &["/mnt/a"], "", "");
+    let Some(bed) = Bed::new(&[ImageSpec::ext4("/mnt/a", 16)], &config, &["/run/pools"]) else {
+        return;
+    };
+    let mut guest = bed.guest();
+    let mut host = bed.host(&json!({"timeout_ms": 60000, "actions": [
+        {"action": "offer", "service": "vss"},
+        {"action": "backup", "pause_ms": 0, "thaw": false, "mark": "/run/frozen"}
+    ]}));
+    bed.wait_for_file("/run/frozen", START);
+    let mut w = bed.writer("/mnt/a", "w");
+    assert!(blocked(&mut w));
+    guest.signal(Signal::TERM);
+    let status = guest.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit {status:?}: {}",
+        guest.stderr()
+    );
+    // Thawed by the stopping daemon itself, not by a later start or the watchdog.
+    completes(&mut w, Duration::from_secs(5));
+    assert!(guest.stderr().contains("file systems thawed at shutdown"));
+    assert!(!bed.sb.host_path("/run/hvisd/vss-frozen.json").exists());
+    let _ = finish(&mut host);
+    bed.sb.close().unwrap();
+}
+
+#[test]
 fn a_daemon_killed_while_frozen_is_recovered_by_the_next_start() {
     let config = config("/run/pools", &["/mnt/a", "/mnt/b"], "", "");
     let Some(bed) = Bed::new(

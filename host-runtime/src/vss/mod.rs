@@ -559,6 +559,20 @@ impl VssCore {
         h.push_back(report);
     }
 
+    /// The daemon is stopping: thaws anything still frozen (the host's THAW will not come), lets
+    /// held writes out and waits for the post-thaw hooks. Returns whether something was frozen.
+    pub async fn shutdown(self: &Arc<Self>) -> bool {
+        let frozen = self.freezer.frozen_count() > 0 || self.backup.lock().await.is_some();
+        if frozen {
+            tracing::warn!("stopping while frozen: thawing now");
+            if let Err(e) = self.thaw().await {
+                tracing::error!("VSS: thaw at shutdown: {e}");
+            }
+        }
+        self.idle().await;
+        frozen
+    }
+
     /// Waits until no backup operation is in progress (tests, shutdown).
     pub async fn idle(&self) {
         let _ = self.backup.lock().await;
