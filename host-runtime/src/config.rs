@@ -33,7 +33,27 @@ pub struct Config {
     /// hvsock: connect timeout, the Unix stand-in, AF_VSOCK listeners.
     #[serde(default)]
     pub hvsock: HvsockSection,
+    /// The local control socket (`hvisd status`) and the metrics.
+    #[serde(default)]
+    pub control: ControlSection,
 }
+
+/// `[control]`: where `hvisd status` reaches the daemon, and the Prometheus metrics.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    /// The control socket (mode 0600). Default: `/run/hvisd/control.sock` on the `kernel` and
+    /// `uio` transports; none on `shm` (a simulator's runtime) unless set here.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// Also serve the metrics over HTTP here (a loopback address such as `127.0.0.1:9477`;
+    /// others are refused). Off by default; the control socket always answers `metrics`.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// Where `hvisd status` looks by default (and the daemon listens on real transports).
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/hvisd/control.sock";
 
 /// `[hvsock]`: how hvsock connections are made and where the local listeners are. Pipe offers
 /// from the host are served only once something accepts connections (the plugin broker).

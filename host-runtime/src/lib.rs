@@ -11,6 +11,7 @@
 pub mod bench;
 pub mod channel;
 pub mod config;
+pub mod control;
 pub mod doorbell;
 pub mod hvsock;
 pub mod log_gate;

@@ -72,6 +72,19 @@ enum Command {
     },
     /// Read and change the KVP pool files (safe while the daemon runs).
     Kvp(hvisd_kvp::cli::KvpCliArgs),
+    /// Ask the running daemon how it is doing: channels and negotiated versions, plugins and
+    /// their workers, the last backup, KVP pool sizes (over its control socket; needs root).
+    Status {
+        /// The control socket.
+        #[arg(long, default_value = hvisd::config::DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+        /// Print JSON.
+        #[arg(long, conflicts_with = "metrics")]
+        json: bool,
+        /// Print the Prometheus metrics.
+        #[arg(long)]
+        metrics: bool,
+    },
     /// Backups (VSS).
     Vss {
         #[command(subcommand)]
@@ -208,6 +221,19 @@ fn main() -> Result<()> {
                     json,
                 },
         } => plugin_check(&file, config.as_deref(), plugin.as_deref(), json),
+        Command::Status {
+            socket,
+            json,
+            metrics,
+        } => {
+            let what = match (json, metrics) {
+                (true, _) => "status",
+                (_, true) => "metrics",
+                _ => "status-text",
+            };
+            let text = runtime()?.block_on(hvisd::control::query(&socket, what))?;
+            write_stdout(&text)
+        }
         Command::Kvp(args) => Ok(hvisd_kvp::cli::cli(&args, &mut std::io::stdout().lock())?),
         Command::Vss {
             command: VssCommand::Plan { config, json },
@@ -281,6 +307,46 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
     }
     let vss_core = services.vss_core().cloned();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let control = hvisd::control::ControlState {
+        services: services.clone(),
+        plugins: plugins.clone(),
+        transport: transport.to_owned(),
+        started: std::time::Instant::now(),
+    };
+    // A configured socket must work; the default one is skipped with a warning when another
+    // daemon has it or /run is not ours (a test's or a user's daemon).
+    let socket = match &config.control.socket {
+        Some(path) => Some((path.clone(), true)),
+        None => {
+            (kind != "shm").then(|| (PathBuf::from(hvisd::config::DEFAULT_CONTROL_SOCKET), false))
+        }
+    };
+    if let Some((path, required)) = socket {
+        match hvisd::control::bind(&path) {
+            Ok(listener) => {
+                tracing::info!(socket = %path.display(), "control socket (hvisd status)");
+                tokio::spawn(hvisd::control::serve(
+                    listener,
+                    path,
+                    control.clone(),
+                    stop_rx.clone(),
+                ));
+            }
+            Err(e) if required => return Err(e.into()),
+            Err(e) => tracing::warn!("no control socket: {e}"),
+        }
+    }
+    if let Some(addr) = config.control.metrics_listen {
+        if !addr.ip().is_loopback() {
+            bail!(hvisd::control::ControlError::NotLoopback(addr));
+        }
+        let (control, stop) = (control.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = hvisd::control::serve_metrics_http(addr, control, stop).await {
+                tracing::error!("metrics: {e}");
+            }
+        });
+    }
     let _listeners = hvisd::hvsock::start_listeners(&hvsock, &config.hvsock, &stop_rx)?;
     #[cfg(debug_assertions)]
     if let Some(test) = &config.hvsock.test

@@ -25,6 +25,87 @@ pub struct Services {
     vss: Option<Arc<VssCore>>,
     /// hvsock: where host-initiated connections go, how guest-initiated ones are made.
     hvsock: Hvsock,
+    /// The IC channels being served, for `hvisd status`.
+    channels: Channels,
+}
+
+/// The IC channels being served and their state (negotiated versions, counts), for `hvisd
+/// status` and the metrics. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Channels {
+    inner: Arc<std::sync::Mutex<ChannelTable>>,
+}
+
+#[derive(Default)]
+struct ChannelTable {
+    next: u64,
+    open: std::collections::BTreeMap<u64, ChannelEntry>,
+}
+
+/// One served channel in [`Channels::snapshot`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChannelEntry {
+    /// The channel's label (transport, instance).
+    pub label: String,
+    /// Its IC state.
+    pub ic: hvisd_ic::IcGuestStatus,
+    /// Seconds since it was opened.
+    pub open_s: u64,
+    #[serde(skip)]
+    opened: std::time::Instant,
+}
+
+impl Channels {
+    fn table(&self) -> std::sync::MutexGuard<'_, ChannelTable> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, label: String, ic: hvisd_ic::IcGuestStatus) -> u64 {
+        let mut t = self.table();
+        t.next += 1;
+        let id = t.next;
+        t.open.insert(
+            id,
+            ChannelEntry {
+                label,
+                ic,
+                open_s: 0,
+                opened: std::time::Instant::now(),
+            },
+        );
+        id
+    }
+
+    fn update(&self, id: u64, ic: &hvisd_ic::IcGuestStatus) {
+        if let Some(e) = self.table().open.get_mut(&id) {
+            e.ic.clone_from(ic);
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        self.table().open.remove(&id);
+    }
+
+    /// The channels being served now.
+    pub fn snapshot(&self) -> Vec<ChannelEntry> {
+        self.table()
+            .open
+            .values()
+            .map(|e| ChannelEntry {
+                open_s: e.opened.elapsed().as_secs(),
+                ..e.clone()
+            })
+            .collect()
+    }
+}
+
+/// Removes a channel from the table when its service ends, however it ends.
+struct Registered<'a>(&'a Channels, u64);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.0.remove(self.1);
+    }
 }
 
 /// Why the services could not start.
@@ -77,6 +158,7 @@ impl Services {
             kvp,
             vss,
             hvsock,
+            channels: Channels::default(),
         })
     }
 
@@ -93,6 +175,7 @@ impl Services {
             kvp: Some(core),
             vss: None,
             hvsock,
+            channels: Channels::default(),
         }
     }
 
@@ -106,6 +189,11 @@ impl Services {
     /// The hvsock layer: its acceptor, connector and connects in progress.
     pub fn hvsock(&self) -> &Hvsock {
         &self.hvsock
+    }
+
+    /// The IC channels being served.
+    pub fn channels(&self) -> &Channels {
+        &self.channels
     }
 
     /// The shared KVP core, if KVP is enabled.
@@ -139,27 +227,32 @@ impl Services {
     pub async fn serve(&self, kind: ServiceKind, channel: Channel) -> Result<(), ChannelError> {
         match kind {
             ServiceKind::Heartbeat => {
-                serve_ic(channel, hvisd_ic::heartbeat::HeartbeatService::new()).await
+                self.serve_ic(channel, hvisd_ic::heartbeat::HeartbeatService::new())
+                    .await
             }
             ServiceKind::Shutdown => {
-                serve_ic(
+                self.serve_ic(
                     channel,
                     hvisd_ic::shutdown::ShutdownService::new(self.config.shutdown_action()),
                 )
                 .await
             }
             ServiceKind::TimeSync => {
-                serve_ic(channel, hvisd_ic::timesync::TimesyncService::new()).await
+                self.serve_ic(channel, hvisd_ic::timesync::TimesyncService::new())
+                    .await
             }
             ServiceKind::Kvp => match &self.kvp {
-                Some(core) => serve_ic(channel, KvpService::new(core.clone()).await).await,
+                Some(core) => {
+                    self.serve_ic(channel, KvpService::new(core.clone()).await)
+                        .await
+                }
                 // kind_for never picks a disabled service; answer as if the host had gone.
                 None => Err(ChannelError::Closed {
                     channel: channel.label().to_owned(),
                 }),
             },
             ServiceKind::Vss => match &self.vss {
-                Some(core) => serve_ic(channel, VssService::new(core.clone())).await,
+                Some(core) => self.serve_ic(channel, VssService::new(core.clone())).await,
                 None => Err(ChannelError::Closed {
                     channel: channel.label().to_owned(),
                 }),
@@ -168,13 +261,36 @@ impl Services {
     }
 }
 
+impl Services {
+    /// [`serve_ic`], with the channel in [`Services::channels`] while it is served.
+    async fn serve_ic<S: IcService>(
+        &self,
+        channel: Channel,
+        service: S,
+    ) -> Result<(), ChannelError> {
+        let guest = IcGuest::new(service);
+        let id = self
+            .channels
+            .add(channel.label().to_owned(), guest.status().clone());
+        let _registered = Registered(&self.channels, id);
+        serve_ic_guest(channel, guest, |status| self.channels.update(id, status)).await
+    }
+}
+
 /// How many packets one receive takes from the ring before they are answered.
 const IC_BATCH: usize = 16;
 
 /// Drives one IC service: every in-band packet goes through the IC framework (negotiation, headers)
 /// and its reply goes back with the request's transaction id, as Linux's `hv_util.c` does.
-pub async fn serve_ic<S: IcService>(mut channel: Channel, service: S) -> Result<(), ChannelError> {
-    let mut guest = IcGuest::new(service);
+pub async fn serve_ic<S: IcService>(channel: Channel, service: S) -> Result<(), ChannelError> {
+    serve_ic_guest(channel, IcGuest::new(service), |_| {}).await
+}
+
+async fn serve_ic_guest<S: IcService>(
+    mut channel: Channel,
+    mut guest: IcGuest<S>,
+    observe: impl Fn(&hvisd_ic::IcGuestStatus),
+) -> Result<(), ChannelError> {
     let mut packets: Vec<OwnedPacket> = Vec::with_capacity(IC_BATCH);
     loop {
         channel.recv_batch(&mut packets, IC_BATCH).await?;
@@ -200,5 +316,6 @@ pub async fn serve_ic<S: IcService>(mut channel: Channel, service: S) -> Result<
                 }
             }
         }
+        observe(guest.status());
     }
 }
