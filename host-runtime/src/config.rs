@@ -498,6 +498,28 @@ pub enum ConfigError {
         /// What the TOML parser said (with line and column).
         source: toml::de::Error,
     },
+    /// A key is unknown, or a value has the wrong type.
+    #[error("config {path}: `{field}`: {message}")]
+    Schema {
+        /// The path.
+        path: String,
+        /// Where, e.g. `kvp.pool_dirr` or `plugin[1].limits.memory_mib`.
+        field: String,
+        /// What serde said.
+        message: String,
+    },
+    /// The same key is given in both spellings.
+    #[error("config {path}: `{field}` is given twice (as `{kebab}` and `{snake}`); keep `{snake}`")]
+    Duplicate {
+        /// The path.
+        path: String,
+        /// The table's path.
+        field: String,
+        /// The deprecated spelling.
+        kebab: String,
+        /// The canonical one.
+        snake: String,
+    },
     /// A value is inconsistent with another.
     #[error("config {path}: {field}: {why}")]
     Invalid {
@@ -508,6 +530,60 @@ pub enum ConfigError {
         /// What is wrong and how to fix it.
         why: &'static str,
     },
+}
+
+/// Tables whose keys are names chosen by the operator, not fields: left as written.
+const FREE_FORM_TABLES: [&str; 1] = ["hvsock.services"];
+
+/// Renames every kebab-case key of `table` (at `path`) to snake_case, recording each.
+fn normalize_keys(
+    table: &mut toml::Table,
+    path: &str,
+    origin: &str,
+    deprecated: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    if FREE_FORM_TABLES.contains(&path) {
+        return Ok(());
+    }
+    let kebab: Vec<String> = table.keys().filter(|k| k.contains('-')).cloned().collect();
+    for key in kebab {
+        let snake = key.replace('-', "_");
+        if table.contains_key(&snake) {
+            return Err(ConfigError::Duplicate {
+                path: origin.to_owned(),
+                field: path.to_owned(),
+                kebab: key,
+                snake,
+            });
+        }
+        if let Some(v) = table.remove(&key) {
+            deprecated.push(if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            });
+            table.insert(snake, v);
+        }
+    }
+    for (key, value) in table.iter_mut() {
+        let here = if path.is_empty() {
+            key.clone()
+        } else {
+            format!("{path}.{key}")
+        };
+        match value {
+            toml::Value::Table(t) => normalize_keys(t, &here, origin, deprecated)?,
+            toml::Value::Array(items) => {
+                for item in items.iter_mut() {
+                    if let toml::Value::Table(t) = item {
+                        normalize_keys(t, &here, origin, deprecated)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl Config {
@@ -521,12 +597,41 @@ impl Config {
         Self::parse(&text, &shown)
     }
 
-    /// Parses and validates config text; `origin` names it in errors.
+    /// Parses and validates config text; `origin` names it in errors. Keys are snake_case;
+    /// kebab-case spellings (`memory_mib`) are accepted with a deprecation warning each.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let (config, deprecated) = Self::parse_keys(text, origin)?;
+        for key in deprecated {
+            tracing::warn!(
+                "config {origin}: `{key}` is spelled in kebab-case, which is deprecated; write `{}`",
+                key.replace('-', "_")
+            );
+        }
+        config.validate(origin)
+    }
+
+    /// Parses `text` into a config, normalizing kebab-case keys; returns the deprecated
+    /// spellings found (their paths).
+    pub fn parse_keys(text: &str, origin: &str) -> Result<(Self, Vec<String>), ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: origin.to_owned(),
             source,
         })?;
+        let mut deprecated = Vec::new();
+        normalize_keys(&mut table, "", origin, &mut deprecated)?;
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Schema {
+                    path: origin.to_owned(),
+                    field: e.path().to_string(),
+                    message: e.inner().to_string(),
+                }
+            })?;
+        Ok((config, deprecated))
+    }
+
+    fn validate(self, origin: &str) -> Result<Self, ConfigError> {
+        let config = self;
         if config.shutdown.action == ShutdownActionName::Command
             && config.shutdown.command.is_empty()
         {
@@ -658,5 +763,36 @@ mod tests {
         assert!(err.to_string().contains("heartbeet"), "{err}");
         let err = Config::parse("[shutdown]\naction = \"command\"\n", "t.toml").unwrap_err();
         assert!(err.to_string().contains("shutdown.command"), "{err}");
+    }
+
+    #[test]
+    fn keys_are_snake_case_and_kebab_case_is_accepted_as_deprecated() {
+        let text = "[kvp]\npool-dir = \"/tmp/p\"\n[hvsock.services]\nhost-time = \"6000\"\n\n\
+                    [[plugin]]\nname = \"a\"\npath = \"/a.wasm\"\nworlds = [\"kvp-provider\"]\n\
+                    [plugin.limits]\nmemory-mib = 8\n[[plugin.kvp]]\npool = \"guest\"\nkeys = [\"a.*\"]\n";
+        let (config, deprecated) = Config::parse_keys(text, "t.toml").unwrap();
+        assert_eq!(config.kvp.pool_dir, PathBuf::from("/tmp/p"));
+        assert_eq!(config.plugin[0].limits.memory_mib, 8);
+        // Names the operator chose are not keys: left alone.
+        assert_eq!(config.hvsock.services["host-time"], "6000");
+        assert_eq!(deprecated, ["kvp.pool-dir", "plugin.limits.memory-mib"]);
+        let both = "[kvp]\npool-dir = \"/a\"\npool_dir = \"/b\"\n";
+        let err = Config::parse(both, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("given twice") && err.contains("keep `pool_dir`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_their_path() {
+        let err = Config::parse("[kvp]\npool_dirr = \"/x\"\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`kvp.pool_dirr`"), "{err}");
+        let text = "[[plugin]]\nname = \"a\"\npath = \"/a.wasm\"\nworlds = [\"kvp-provider\"]\n\
+                    [plugin.limits]\nmemory_mib = \"lots\"\n";
+        let err = Config::parse(text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("plugin[0].limits.memory_mib"), "{err}");
     }
 }

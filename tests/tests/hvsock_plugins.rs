@@ -52,7 +52,7 @@ worlds = ["hvsock-service"]
 listen = ["echo", "misbehave"]
 connect = ["host-time"]
 [plugin.limits]
-cpu-percent = 100
+cpu_percent = 100
 {misbehave_limits}
 "#,
             pools = pools.display(),
@@ -184,7 +184,7 @@ fn a_host_tool_talks_to_a_plugin_service_which_reaches_granted_host_services_onl
 #[test]
 fn a_hundred_concurrent_connections_echo_through_one_plugin_worker() {
     let dir = tempfile::tempdir().unwrap();
-    let (root, mut guest) = start(dir.path(), "hvsock-connections = 128");
+    let (root, mut guest) = start(dir.path(), "hvsock_connections = 128");
     let script = r#"{"timeout_ms": 120000, "actions": [
         {"action": "hvsock_connect", "port": 5000, "size": 65536, "connections": 100}
     ]}"#;
@@ -214,7 +214,7 @@ fn a_hundred_concurrent_connections_echo_through_one_plugin_worker() {
 #[test]
 fn past_the_connection_limit_a_connection_is_closed_and_the_others_go_on() {
     let dir = tempfile::tempdir().unwrap();
-    let (root, _guest) = start(dir.path(), "hvsock-connections = 2");
+    let (root, _guest) = start(dir.path(), "hvsock_connections = 2");
     // Two connections stay open (the echo waits for more), the third is over the limit: closed
     // at once, with a FIN and no data.
     let script = r#"{"timeout_ms": 60000, "actions": [
@@ -233,7 +233,7 @@ fn past_the_connection_limit_a_connection_is_closed_and_the_others_go_on() {
 #[test]
 fn a_stalled_reader_holds_memory_flat_on_both_sides_of_the_worker() {
     let dir = tempfile::tempdir().unwrap();
-    let (root, guest) = start(dir.path(), "hvsock-buffer-kib = 64");
+    let (root, guest) = start(dir.path(), "hvsock_buffer_kib = 64");
     let warm = r#"[{"action": "hvsock_connect", "port": 5000, "size": 1048576}]"#;
     assert_all_ok(&transcript(&run_host_script(
         &root,
@@ -292,7 +292,7 @@ fn a_stalled_reader_holds_memory_flat_on_both_sides_of_the_worker() {
 #[test]
 fn misbehaving_streams_are_bounded_and_end_cleanly_without_harming_other_connections() {
     let dir = tempfile::tempdir().unwrap();
-    let (root, guest) = start(dir.path(), "connection-deadline-ms = 1500");
+    let (root, guest) = start(dir.path(), "connection_deadline_ms = 1500");
     // Writing past the write permit: the host refuses the write (the plugin traps or gets an
     // error); either way the connection ends with a FIN and no megabyte arrives.
     let e = ask(&root, 5002, "ignore-permits\n");

@@ -51,8 +51,8 @@ name = "misbehave"
 path = '{bad_wasm}'
 worlds = ["kvp-provider"]
 [plugin.limits]
-call-deadline-ms = 1000
-max-consecutive-traps = 1000
+call_deadline_ms = 1000
+max_consecutive_traps = 1000
 [[plugin.kvp]]
 pool = "guest"
 keys = ["ok", "spin", "trap", "sleep"]

@@ -308,7 +308,7 @@ async fn the_sandbox_holds_through_the_worker() {
     assert_eq!(core.get(bad, "env").await.as_deref(), Ok("[]"));
 
     // Spinning, memory, recursion, traps: each call fails, the plugin is not disabled
-    // (max-consecutive-traps = 100), the neighbour answers.
+    // (max_consecutive_traps = 100), the neighbour answers.
     for key in ["spin", "alloc", "recurse", "recurse-native", "trap"] {
         let t = Instant::now();
         let e = core.get(bad, key).await.expect_err(key);

@@ -38,8 +38,8 @@ path = "/run/plugins/misbehave.wasm"
 worlds = ["freeze-hook"]
 priority = {priority}
 [plugin.limits]
-call-deadline-ms = 1000
-max-consecutive-traps = 100
+call_deadline_ms = 1000
+max_consecutive_traps = 100
 [[plugin.kvp]]
 pool = "guest"
 keys = ["misbehave.*"]

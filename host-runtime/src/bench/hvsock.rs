@@ -295,7 +295,7 @@ worlds = ["hvsock-service"]
 [plugin.hvsock]
 listen = ["echo"]
 [plugin.limits]
-cpu-percent = 100
+cpu_percent = 100
 "#,
                     pools = state.join("pools").display(),
                     cache = state.join("cache").display(),

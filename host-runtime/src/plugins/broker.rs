@@ -6,14 +6,14 @@
 //! [`pump`]s bytes between the connection and its own end. So:
 //!
 //! - the bytes buffered per connection are bounded: the pair's socket buffers (the manifest's
-//!   `limits.hvsock-buffer-kib`) and one 64 KiB copy buffer each way in the core; a plugin that
+//!   `limits.hvsock_buffer_kib`) and one 64 KiB copy buffer each way in the core; a plugin that
 //!   stops reading stalls the host's writer through the ring's flow control, and a host that
 //!   stops reading stalls the plugin's writes (its `check-write` permits stay at zero);
 //! - a plugin that traps, returns, or whose worker dies closes its socket end: the pump sees end
 //!   of file and sends the host a clean FIN; the plugin's other connections go on (a trap ends
 //!   one instance, and every connection has its own);
-//! - the core closes a connection idle for `limits.hvsock-idle-ms` and refuses connections past
-//!   `limits.hvsock-connections`.
+//! - the core closes a connection idle for `limits.hvsock_idle_ms` and refuses connections past
+//!   `limits.hvsock_connections`.
 //!
 //! Service names: a manifest's `hvsock.listen` and `hvsock.connect` entries are names from the
 //! operator's `[hvsock.services]` table, or a GUID, or a decimal vsock port ([`ServiceMap`]).

@@ -376,7 +376,7 @@ impl Slot {
             ),
             Ok(_) => {}
             // A connection the plugin could not take (its limit) is not a failed call.
-            Err(WorkerError::Call(why)) if why.contains("limits.hvsock-connections") => {
+            Err(WorkerError::Call(why)) if why.contains("limits.hvsock_connections") => {
                 hvisd_protocol::throttled!(warn, plugin = self.name(), connection = %label, "hvsock connection closed: {why}");
                 return;
             }

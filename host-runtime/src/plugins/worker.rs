@@ -58,7 +58,7 @@ pub struct WorkerImports {
 /// The hvsock side of a worker whose plugin listens or connects.
 struct Streams {
     sender: hvisd_plugin_host::worker::streams::StreamSender,
-    /// Connections open (served and opened), bounded by `limits.hvsock-connections`.
+    /// Connections open (served and opened), bounded by `limits.hvsock_connections`.
     open: Arc<tokio::sync::Semaphore>,
     limit: u32,
     next_conn: AtomicU64,
@@ -71,7 +71,7 @@ impl Streams {
     async fn open(&self) -> Result<(u64, tokio::sync::OwnedSemaphorePermit, OwnedFd), String> {
         let permit = self.open.clone().try_acquire_owned().map_err(|_| {
             format!(
-                "the plugin has {} hvsock connections open (limits.hvsock-connections)",
+                "the plugin has {} hvsock connections open (limits.hvsock_connections)",
                 self.limit
             )
         })?;

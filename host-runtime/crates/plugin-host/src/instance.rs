@@ -2,7 +2,7 @@
 //!
 //! The freeze policy and hvsock services get a fresh instance per call; a
 //! KVP provider keeps one long-lived instance, replaced after
-//! `recycle-after-calls` calls and dropped after any failure; a freeze hook
+//! `recycle_after_calls` calls and dropped after any failure; a freeze hook
 //! gets one instance per backup, from its `pre-freeze` to its `post-thaw`
 //! (so it can keep state across the freeze in its own memory). Every call,
 //! instantiation included, runs under [`guarded`] and ends in
@@ -25,7 +25,7 @@ use crate::store::{guarded, new_store};
 pub(crate) struct ProviderInstance {
     store: Store<HostState>,
     guest: kvp_provider::Guest,
-    /// Calls made on this instance (it is replaced after `recycle-after-calls`).
+    /// Calls made on this instance (it is replaced after `recycle_after_calls`).
     calls: u64,
 }
 

@@ -8,8 +8,8 @@
 //! priority = 100                      # hook order: lower runs first
 //!
 //! [plugin.limits]
-//! memory-mib = 16
-//! call-deadline-ms = 10
+//! memory_mib = 16
+//! call_deadline_ms = 10
 //!
 //! [[plugin.kvp]]
 //! pool = "guest"
@@ -134,7 +134,7 @@ pub struct HvsockGrant {
 
 /// Resource limits of one plugin.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+#[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Linear memory cap per instance, in MiB.
     pub memory_mib: u32,
@@ -146,10 +146,10 @@ pub struct Limits {
     pub recycle_after_calls: u64,
     /// After this many traps in a row the plugin is disabled.
     pub max_consecutive_traps: u32,
-    /// Share of one CPU the plugin's worker may use over `cpu-window-s`, in percent; past it the
+    /// Share of one CPU the plugin's worker may use over `cpu_window_s`, in percent; past it the
     /// plugin is throttled for the rest of the window (disabled after three windows).
     pub cpu_percent: u32,
-    /// The window of `cpu-percent`, in seconds.
+    /// The window of `cpu_percent`, in seconds.
     pub cpu_window_s: u64,
     /// Log lines a minute the plugin may write (after a burst of as many); the rest are counted.
     pub log_lines_per_minute: u32,
@@ -281,14 +281,14 @@ impl PluginManifest {
         let l = &self.limits;
         if l.memory_mib == 0 || l.memory_mib > MAX_MEMORY_MIB {
             err(
-                "limits.memory-mib",
+                "limits.memory_mib",
                 format!("{} MiB is out of range", l.memory_mib),
                 "use a value from 1 to 4096",
             );
         }
         for (field, v) in [
-            ("limits.call-deadline-ms", l.call_deadline_ms),
-            ("limits.connection-deadline-ms", l.connection_deadline_ms),
+            ("limits.call_deadline_ms", l.call_deadline_ms),
+            ("limits.connection_deadline_ms", l.connection_deadline_ms),
         ] {
             if v == 0 || v > MAX_DEADLINE_MS {
                 err(
@@ -300,49 +300,49 @@ impl PluginManifest {
         }
         if l.recycle_after_calls == 0 {
             err(
-                "limits.recycle-after-calls",
+                "limits.recycle_after_calls",
                 "0 would recycle before the first call".into(),
                 "use 1 or more (default 10000)",
             );
         }
         if l.max_consecutive_traps == 0 {
             err(
-                "limits.max-consecutive-traps",
+                "limits.max_consecutive_traps",
                 "0 would disable the plugin before it runs".into(),
                 "use 1 or more (default 3)",
             );
         }
         if l.cpu_percent == 0 || l.cpu_percent > 100 {
             err(
-                "limits.cpu-percent",
+                "limits.cpu_percent",
                 format!("{}% is out of range", l.cpu_percent),
                 "use a value from 1 to 100 (default 25)",
             );
         }
         if l.hvsock_connections == 0 || l.hvsock_connections > 256 {
             err(
-                "limits.hvsock-connections",
+                "limits.hvsock_connections",
                 format!("{} is out of range", l.hvsock_connections),
                 "use a value from 1 to 256 (default 16)",
             );
         }
         if l.hvsock_idle_ms == 0 || l.hvsock_idle_ms > 86_400_000 {
             err(
-                "limits.hvsock-idle-ms",
+                "limits.hvsock_idle_ms",
                 format!("{} ms is out of range", l.hvsock_idle_ms),
                 "use a value from 1 to 86400000 (default 60000)",
             );
         }
         if l.hvsock_buffer_kib < 8 || l.hvsock_buffer_kib > 4096 {
             err(
-                "limits.hvsock-buffer-kib",
+                "limits.hvsock_buffer_kib",
                 format!("{} KiB is out of range", l.hvsock_buffer_kib),
                 "use a value from 8 to 4096 (default 256)",
             );
         }
         if l.cpu_window_s == 0 || l.cpu_window_s > 3600 {
             err(
-                "limits.cpu-window-s",
+                "limits.cpu_window_s",
                 format!("{} s is out of range", l.cpu_window_s),
                 "use a value from 1 to 3600 (default 10)",
             );
@@ -557,7 +557,7 @@ mod tests {
             text.iter()
                 .any(|t| t.contains("plugin `app`: field `path`"))
         );
-        assert!(text.iter().any(|t| t.contains("field `limits.memory-mib`")));
+        assert!(text.iter().any(|t| t.contains("field `limits.memory_mib`")));
         assert!(text.iter().any(|t| t.contains("field `kvp[0].keys[1]`")));
         assert!(text.iter().all(|t| t.contains("fix: ")));
     }

@@ -363,7 +363,7 @@ async fn an_invalid_manifest_fails_the_load_with_plugin_field_and_fix() {
     let e = host.load(&[m]).await.expect_err("invalid");
     let text = e.to_string();
     assert!(
-        text.contains("plugin `app-version`: field `limits.call-deadline-ms`")
+        text.contains("plugin `app-version`: field `limits.call_deadline_ms`")
             && text.contains("fix:"),
         "{text}"
     );
