@@ -36,6 +36,31 @@ pub struct Config {
     /// The local control socket (`hvisd status`) and the metrics.
     #[serde(default)]
     pub control: ControlSection,
+    /// How `hvisd run` reaches the host.
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+}
+
+/// `[runtime]`: the transport `hvisd run` serves (`--transport` overrides it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// `kernel` (the default: KVP and VSS on the kernel's hv_utils devices, as today's kernels
+    /// bind them), `kernel:DEVICE`, `uio[:SYSFS_DEVICES_DIR[:DEV_DIR]]` or `shm:ROOT`.
+    #[serde(default = "default_transport")]
+    pub transport: String,
+}
+
+fn default_transport() -> String {
+    "kernel".into()
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        Self {
+            transport: default_transport(),
+        }
+    }
 }
 
 /// `[control]`: where `hvisd status` reaches the daemon, and the Prometheus metrics.

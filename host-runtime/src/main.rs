@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use hvisd::config::Config;
 use hvisd::services::Services;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -27,9 +27,9 @@ enum Command {
         /// `shm:ROOT` (a host simulator's root), `uio` or `uio:SYSFS_DEVICES_DIR[:DEV_DIR]`, or
         /// `kernel` (KVP and VSS on the kernel's devices, /dev/vmbus/hv_kvp and hv_vss, or the
         /// SOCK_SEQPACKET sockets `[kvp] device` and `[vss] device` name), or `kernel:DEVICE`
-        /// (KVP only, on DEVICE).
+        /// (KVP only, on DEVICE). Default: the config's `[runtime] transport`, else `kernel`.
         #[arg(long)]
-        transport: String,
+        transport: Option<String>,
         /// The runtime's TOML config (defaults apply without one).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -181,6 +181,8 @@ fn main() -> Result<()> {
             config: path,
         } => {
             let config = load_config(path.as_ref())?;
+            let transport = transport.unwrap_or_else(|| config.runtime.transport.clone());
+            preflight(&transport, &config)?;
             runtime()?.block_on(run(&transport, config, path))
         }
         Command::Host { root, command } => match command {
@@ -262,6 +264,90 @@ async fn stop_signal() -> Result<()> {
     Ok(())
 }
 
+/// What `hvisd run` checks before it starts anything, so that a daemon that cannot work says
+/// why in one sentence and exits non-zero instead of idling.
+fn preflight(transport: &str, config: &Config) -> Result<()> {
+    let (kind, rest) = transport.split_once(':').unwrap_or((transport, ""));
+    let not_hyperv = "this machine is not a Hyper-V guest or hv_utils is not loaded (`modprobe hv_utils`); without Hyper-V try `hvisd sim`";
+    match kind {
+        "kernel" => {
+            let mut devices = Vec::new();
+            if !rest.is_empty() {
+                devices.push(("KVP", PathBuf::from(rest)));
+            } else {
+                if config.services.kvp {
+                    devices.push(("KVP", config.kvp.device.clone()));
+                }
+                if config.services.vss {
+                    devices.push(("VSS", config.vss.device.clone()));
+                }
+            }
+            if devices.is_empty() {
+                bail!(
+                    "--transport kernel serves KVP and VSS, but both are turned off in [services]: nothing to serve"
+                );
+            }
+            for (service, device) in &devices {
+                if !device.exists() {
+                    bail!(
+                        "the {service} device {} does not exist: {not_hyperv}; or turn {} off in [services] if you do not want it",
+                        device.display(),
+                        service.to_lowercase()
+                    );
+                }
+            }
+        }
+        "shm" => {
+            if rest.is_empty() {
+                bail!("--transport shm:ROOT needs the root directory, e.g. shm:/run/hvisd-sim");
+            }
+            if !Path::new(rest).is_dir() {
+                bail!(
+                    "the shm root {rest} does not exist: start the host side first (`hvisd host --root {rest} script FILE` creates it)"
+                );
+            }
+        }
+        "uio" => {
+            let devices = rest
+                .split(':')
+                .next()
+                .filter(|s| !s.is_empty())
+                .unwrap_or(hvisd::transport::uio::DEFAULT_SYSFS_DEVICES);
+            if !Path::new(devices).is_dir() {
+                bail!("{devices} does not exist: {not_hyperv}");
+            }
+        }
+        other => bail!(
+            "unknown transport {other:?}: use kernel[:DEVICE], uio[:SYSFS_DEVICES_DIR[:DEV_DIR]] or shm:ROOT"
+        ),
+    }
+    if config.services.kvp {
+        let dir = &config.kvp.pool_dir;
+        if dir.exists()
+            && rustix::fs::access(
+                dir,
+                rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+            )
+            .is_err()
+        {
+            bail!(
+                "the KVP pool directory {} is not writable by this user: run as root or set [kvp] pool_dir",
+                dir.display()
+            );
+        }
+    }
+    for m in &config.plugin {
+        if !m.path.is_file() {
+            bail!(
+                "plugin `{}`: its component {} does not exist",
+                m.name,
+                m.path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) -> Result<()> {
     let kvp_device = config.kvp.device.clone();
     let vss_device = config.vss.device.clone();
@@ -292,6 +378,16 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
         }
         _ => hvisd::plugins::Plugins::start(&config, &services).await?,
     };
+    if let Some(plugins) = &plugins {
+        let problems = plugins.problems();
+        if !problems.is_empty() {
+            plugins.shutdown().await;
+            bail!(
+                "the plugins cannot start as configured:\n  {}",
+                problems.join("\n  ")
+            );
+        }
+    }
     #[cfg(debug_assertions)]
     if let (Some(plugins), Some(test)) = (&plugins, &config.plugins.escape_test) {
         escape_test(plugins, test).await?;

@@ -215,3 +215,75 @@ fn sighup_reloads_plugins_while_the_host_is_busy_and_no_request_fails() {
         .collect();
     assert!(keys.contains(&"app.version"), "{keys:?}");
 }
+
+fn run_expecting_failure(args: &[&str]) -> String {
+    let out = Command::new(hvisd_bin())
+        .arg("run")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "hvisd run {args:?} started: {stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn startup_says_what_is_wrong_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing_root = dir.path().join("no-such-root");
+    let err = run_expecting_failure(&["--transport", &format!("shm:{}", missing_root.display())]);
+    assert!(err.contains("does not exist"), "{err}");
+    let err = run_expecting_failure(&["--transport", "kernel:/nonexistent/hv_kvp"]);
+    assert!(
+        err.contains("does not exist") && err.contains("hv_utils"),
+        "{err}"
+    );
+
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let shm = format!("shm:{}", root.display());
+
+    let off = write("off.toml", "[services]\nkvp = false\nvss = false\n");
+    let err = run_expecting_failure(&["--transport", "kernel", "--config", &off]);
+    assert!(err.contains("nothing to serve"), "{err}");
+
+    let typo = write("typo.toml", "[kvp]\npool_dirr = \"/tmp\"\n");
+    let err = run_expecting_failure(&["--transport", &shm, "--config", &typo]);
+    assert!(err.contains("`kvp.pool_dirr`"), "{err}");
+
+    let missing = write(
+        "missing.toml",
+        &format!(
+            "[kvp]\npool_dir = '{}'\n[[plugin]]\nname = \"gone\"\npath = \"/nonexistent/gone.wasm\"\nworlds = [\"kvp-provider\"]\n[[plugin.kvp]]\npool = \"guest\"\nkeys = [\"x\"]\n",
+            dir.path().join("pools").display()
+        ),
+    );
+    let err = run_expecting_failure(&["--transport", &shm, "--config", &missing]);
+    assert!(
+        err.contains("plugin `gone`") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    // Two providers claiming the same key.
+    let base = config(dir.path(), &dir.path().join("run/ctl.sock"), true);
+    let app = dir.path().join("app").display().to_string();
+    let app2 = dir.path().join("app2");
+    std::fs::create_dir_all(&app2).unwrap();
+    std::fs::set_permissions(&app2, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let twice = base.clone()
+        + &base[base.find("[[plugin]]").unwrap()..]
+            .replace("name = \"app-version\"", "name = \"app-version-2\"")
+            .replace(&app, &app2.display().to_string());
+    let twice = write("twice.toml", &twice);
+    let err = run_expecting_failure(&["--transport", &shm, "--config", &twice]);
+    assert!(err.contains("both claim key `app.version`"), "{err}");
+}

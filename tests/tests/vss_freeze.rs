@@ -519,7 +519,7 @@ access = "read-write"
         10,
         "[[plugin.dirs]]\nhost = \"/mnt/a/hook\"\nguest = \"/data\"\naccess = \"read-write\"",
     );
-    let config = config(
+    let with_hook = config(
         "/run/pools",
         &["/mnt/a", "/mnt/b"],
         "",
@@ -527,18 +527,41 @@ access = "read-write"
     );
     let Some(bed) = Bed::new(
         &[ImageSpec::ext4("/mnt/a", 16), ImageSpec::ext4("/mnt/b", 16)],
-        &config,
+        &with_hook,
         &["/run/pools", "/mnt/a/hook"],
     ) else {
         return;
     };
-    let guest = bed.guest();
-    guest.wait_for_log("plugin refused", START);
-    assert!(
-        guest.stderr().contains("backups freeze"),
-        "{}",
-        guest.stderr()
+    // A hook with a read-write directory on a file system backups freeze: the daemon refuses
+    // to start, naming it.
+    let mut refused = bed.sb.spawn(
+        &[
+            "run",
+            "--transport",
+            "shm:/run/sim",
+            "--config",
+            "/run/hvisd.toml",
+        ],
+        &[],
     );
+    let status = refused.wait_exit(START);
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "started with a hook writing to a frozen file system: {}",
+        refused.stderr()
+    );
+    let log = refused.stderr();
+    assert!(
+        log.contains("writes-frozen") && log.contains("backups freeze"),
+        "{log}"
+    );
+    // Without it, the policy plugin runs.
+    std::fs::write(
+        bed.sb.host_path("/run/hvisd.toml"),
+        config("/run/pools", &["/mnt/a", "/mnt/b"], "", policy),
+    )
+    .unwrap();
+    let guest = bed.guest();
     let entries = bed.host_script(&json!({"timeout_ms": 60000, "actions": [
         {"action": "offer", "service": "kvp"},
         {"action": "offer", "service": "vss"},

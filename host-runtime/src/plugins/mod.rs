@@ -766,6 +766,36 @@ impl Plugins {
         self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// What is wrong with the loaded set, one sentence each: plugins refused (their component
+    /// missing or invalid, grants refused...) and keys two providers claim. The daemon refuses
+    /// to start with any; a reload keeps going and logs them.
+    pub fn problems(&self) -> Vec<String> {
+        let set = self.current();
+        let mut problems: Vec<String> = set
+            .refused
+            .iter()
+            .map(|(name, (_, why))| format!("plugin `{name}` refused: {why}"))
+            .collect();
+        let mut owner: BTreeMap<(u8, String), String> = BTreeMap::new();
+        for slot in set.ordered(World::KvpProvider) {
+            for k in &slot.keys.keys {
+                let id = (k.pool as u8, k.key.clone());
+                match owner.get(&id) {
+                    Some(first) => problems.push(format!(
+                        "plugins `{first}` and `{}` both claim key `{}` of pool {:?}",
+                        slot.name(),
+                        Escaped::with_max(&k.key, 128),
+                        k.pool
+                    )),
+                    None => {
+                        owner.insert(id, slot.name().to_owned());
+                    }
+                }
+            }
+        }
+        problems
+    }
+
     /// Serves a host connection to the guest service `service_id` with the plugin listening on
     /// it; without one the connection is closed.
     pub async fn serve_hvsock(
