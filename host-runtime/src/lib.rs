@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod doorbell;
 pub mod hvsock;
+pub mod log_format;
 pub mod log_gate;
 pub mod offer;
 pub mod plugins;

@@ -147,11 +147,19 @@ fn init_tracing(filter: Option<&str>) {
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
     // Logs go to stderr so stdout stays clean for transcripts and JSON figures.
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(hvisd::log_gate::GatedStderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(hvisd::log_gate::GatedStderr);
+    if hvisd::log_format::stderr_is_journal() {
+        builder
+            .with_ansi(false)
+            .event_format(hvisd::log_format::JournalFormat)
+            .init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config> {
