@@ -5,11 +5,11 @@
 
 use crate::service_kind::ServiceKind;
 use hvisd_ic::shutdown::ShutdownAction;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Which services answer their offers.
@@ -42,7 +42,7 @@ pub struct Config {
 }
 
 /// `[runtime]`: the transport `hvisd run` serves (`--transport` overrides it).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeSection {
     /// `kernel` (the default: KVP and VSS on the kernel's hv_utils devices, as today's kernels
@@ -64,7 +64,7 @@ impl Default for RuntimeSection {
 }
 
 /// `[control]`: where `hvisd status` reaches the daemon, and the Prometheus metrics.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlSection {
     /// The control socket (mode 0600). Default: `/run/hvisd/control.sock` on the `kernel` and
@@ -82,7 +82,7 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "/run/hvisd/control.sock";
 
 /// `[hvsock]`: how hvsock connections are made and where the local listeners are. Pipe offers
 /// from the host are served only once something accepts connections (the plugin broker).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HvsockSection {
     /// How long a guest-initiated connect waits for the host's reply and offer, in ms.
@@ -130,7 +130,7 @@ impl HvsockSection {
 
 /// `[hvsock.test]` (debug builds): see [`HvsockSection::test`].
 #[cfg(debug_assertions)]
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HvsockTest {
     /// Echo every host-initiated (and stand-in) connection.
@@ -144,7 +144,7 @@ pub struct HvsockTest {
 
 /// One test connect (debug builds).
 #[cfg(debug_assertions)]
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HvsockTestConnect {
     /// The service: a GUID or a vsock port.
@@ -163,7 +163,7 @@ fn one() -> usize {
 }
 
 /// `[plugins]`: settings shared by every plugin.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginsSection {
     /// Cache of precompiled plugins (`.cwasm`). Must be owned by the user hvisd runs as and
@@ -188,7 +188,7 @@ pub struct PluginsSection {
 
 /// `[plugins.escape-test]` (debug builds): see [`PluginsSection::escape_test`].
 #[cfg(debug_assertions)]
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EscapeTest {
     /// The plugin whose worker is compromised.
@@ -242,7 +242,7 @@ impl PluginsSection {
 }
 
 /// `[kvp]`: where the pools live, the kernel device, the IP-configuration helpers, plugin keys.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KvpSection {
     /// Directory of `.kvp_pool_0` .. `.kvp_pool_4` (shared with cloud-init and other tools).
@@ -368,7 +368,7 @@ impl KvpSection {
 }
 
 /// `[vss]`: backups. What may be frozen is `[vss.policy]` (see `hvisd_vss::VssPolicy`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VssSection {
     /// The kernel's VSS device, for `--transport kernel` (a `SOCK_SEQPACKET` socket path works
@@ -400,7 +400,7 @@ pub struct VssSection {
 }
 
 /// `[vss] on_veto`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnVeto {
     /// The backup fails.
@@ -437,7 +437,7 @@ impl Default for VssSection {
 }
 
 /// `[services]`: each service can be turned off, e.g. when another daemon still owns it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServicesConfig {
     /// Answer heartbeats.
@@ -474,7 +474,7 @@ impl Default for ServicesConfig {
 }
 
 /// `[shutdown]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// `log` (default): record the request and do nothing else. `command`: run `command`.
@@ -486,7 +486,7 @@ pub struct ShutdownConfig {
 }
 
 /// The names `[shutdown] action` accepts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ShutdownActionName {
     /// Only log.
@@ -819,5 +819,89 @@ mod tests {
                     [plugin.limits]\nmemory_mib = \"lots\"\n";
         let err = Config::parse(text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("plugin[0].limits.memory_mib"), "{err}");
+    }
+
+    /// Key paths (`vss.policy.max_frozen_ms`) of a TOML value.
+    fn key_paths(value: &toml::Value, path: &str, out: &mut std::collections::BTreeSet<String>) {
+        let join = |k: &str| {
+            if path.is_empty() {
+                k.to_owned()
+            } else {
+                format!("{path}.{k}")
+            }
+        };
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let here = join(k);
+                    out.insert(here.clone());
+                    key_paths(v, &here, out);
+                }
+            }
+            toml::Value::Array(items) => {
+                for item in items {
+                    key_paths(item, path, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Key paths a commented TOML text mentions, set or commented out (`# key = ...`), under
+    /// the tables its headers (commented or not) open.
+    fn mentioned(text: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut table = String::new();
+        for line in text.lines() {
+            let l = line.trim_start_matches('#').trim();
+            if let Some(h) = l.strip_prefix('[') {
+                table = h.trim_matches(|c| c == '[' || c == ']').to_owned();
+                out.insert(table.clone());
+                continue;
+            }
+            if let Some((key, _)) = l.split_once('=') {
+                let key = key.trim();
+                if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    out.insert(if table.is_empty() {
+                        key.to_owned()
+                    } else {
+                        format!("{table}.{key}")
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_example_config_parses_and_names_every_key() {
+        let text = include_str!("../examples/hvisd.toml");
+        let (config, deprecated) = Config::parse_keys(text, "examples/hvisd.toml").unwrap();
+        assert!(deprecated.is_empty(), "{deprecated:?}");
+        let config = config.validate("examples/hvisd.toml").unwrap();
+        assert_eq!(config.runtime.transport, "kernel");
+        // Every key of the schema: the defaults' (optional keys included by setting them), and
+        // a plugin table with every field.
+        let mut full = Config::default();
+        full.vss.dry_run = Some(false);
+        full.vss.policy.allow_only = Some(vec!["/".into()]);
+        full.plugins.user = Some("hvisd-plugin".into());
+        full.hvsock.unix_listen = Some("/run/hvisd/hvsock.sock".into());
+        full.control.socket = Some("/run/hvisd/control.sock".into());
+        full.control.metrics_listen = Some("127.0.0.1:9477".parse().unwrap());
+        let plugin: hvisd_plugin_host::PluginManifest = toml::from_str(
+            "name = \"p\"\npath = \"/p.wasm\"\nworlds = [\"kvp-provider\"]\n\
+             [[kvp]]\npool = \"guest\"\nkeys = [\"a\"]\n[[dirs]]\nhost = \"/a\"\nguest = \"/a\"\n",
+        )
+        .unwrap();
+        full.plugin = vec![plugin];
+        let mut schema = std::collections::BTreeSet::new();
+        key_paths(&toml::Value::try_from(&full).unwrap(), "", &mut schema);
+        let named = mentioned(text);
+        let missing: Vec<&String> = schema.iter().filter(|k| !named.contains(*k)).collect();
+        assert!(
+            missing.is_empty(),
+            "examples/hvisd.toml does not name {missing:?}"
+        );
     }
 }

@@ -75,5 +75,4 @@ mod tests {
         assert_eq!(syslog_priority(&Level::INFO), 6);
         assert_eq!(syslog_priority(&Level::TRACE), 7);
     }
-
 }

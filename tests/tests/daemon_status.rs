@@ -287,3 +287,43 @@ fn startup_says_what_is_wrong_and_exits_non_zero() {
     let err = run_expecting_failure(&["--transport", &shm, "--config", &twice]);
     assert!(err.contains("both claim key `app.version`"), "{err}");
 }
+
+#[test]
+fn the_example_config_serves_the_simulator() {
+    // The shipped example, with only the machine's own paths moved into the test's directory.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let example = std::fs::read_to_string(
+        hvisd_e2e::workspace_root().join("host-runtime/examples/hvisd.toml"),
+    )
+    .unwrap()
+    .replace("\"/var/lib/hyperv\"", &format!("'{d}/pools'"))
+    .replace("\"/run/hvisd/vss-frozen.json\"", &format!("'{d}/vss.json'"))
+    .replace("\"/var/cache/hvisd/plugins\"", &format!("'{d}/cache'"));
+    std::fs::create_dir_all(dir.path().join("pools")).unwrap();
+    let config = dir.path().join("hvisd.toml");
+    std::fs::write(&config, example).unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let guest = GuestProcess::start_shm_with_config(&root, &config);
+    let entries = transcript(&run_host_script(
+        &root,
+        r#"[
+            {"action": "offer", "service": "heartbeat"},
+            {"action": "offer", "service": "kvp"},
+            {"action": "offer", "service": "vss"},
+            {"action": "heartbeat", "count": 2},
+            {"action": "kvp_enumerate", "pool": "auto"},
+            {"action": "backup", "pause_ms": 10}
+        ]"#,
+        Duration::from_secs(60),
+    ));
+    for e in &entries {
+        assert_eq!(e["ok"], true, "{e:#}\n{}", guest.process.stderr());
+    }
+    assert!(entries[4]["count"].as_u64().unwrap() >= 5);
+    assert!(
+        guest.process.stderr().contains("freezes nothing"),
+        "shm: the dry-run freezer"
+    );
+}
