@@ -33,6 +33,9 @@ pub struct Config {
     /// hvsock: connect timeout, the Unix stand-in, AF_VSOCK listeners.
     #[serde(default)]
     pub hvsock: HvsockSection,
+    /// Guest file copy (`Copy-VMFile`): where the host may write files.
+    #[serde(default)]
+    pub fcopy: crate::fcopy::FcopySection,
 }
 
 /// `[hvsock]`: how hvsock connections are made and where the local listeners are. Pipe offers
@@ -405,6 +408,9 @@ pub struct ServicesConfig {
     /// Backups (file-system freeze and thaw).
     #[serde(default = "yes")]
     pub vss: bool,
+    /// Guest file copy (also `[fcopy] enabled`; both must be on).
+    #[serde(default = "yes")]
+    pub fcopy: bool,
 }
 
 fn yes() -> bool {
@@ -419,6 +425,7 @@ impl Default for ServicesConfig {
             timesync: true,
             kvp: true,
             vss: true,
+            fcopy: true,
         }
     }
 }
@@ -539,6 +546,13 @@ impl Config {
                 why: "must be 1..=600000",
             });
         }
+        if let Err((field, why)) = config.fcopy.validate() {
+            return Err(ConfigError::Invalid {
+                path: origin.to_owned(),
+                field,
+                why,
+            });
+        }
         if let Err(errors) = hvisd_plugin_host::manifest::validate_all(&config.plugin) {
             return Err(ConfigError::Plugins {
                 path: origin.to_owned(),
@@ -556,6 +570,7 @@ impl Config {
             ServiceKind::TimeSync => self.services.timesync,
             ServiceKind::Kvp => self.services.kvp,
             ServiceKind::Vss => self.services.vss,
+            ServiceKind::Fcopy => self.services.fcopy && self.fcopy.enabled,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod channel;
 pub mod config;
 pub mod doorbell;
+pub mod fcopy;
 pub mod hvsock;
 pub mod log_gate;
 pub mod offer;

@@ -2,6 +2,7 @@
 
 use crate::channel::{Channel, ChannelError, OwnedPacket};
 use crate::config::Config;
+use crate::fcopy::vmbus::FcopyService;
 use crate::hvsock::Hvsock;
 pub use crate::service_kind::ServiceKind;
 use crate::vss::VssCore;
@@ -25,6 +26,8 @@ pub struct Services {
     vss: Option<Arc<VssCore>>,
     /// hvsock: where host-initiated connections go, how guest-initiated ones are made.
     hvsock: Hvsock,
+    /// fcopy: where the host may write files (one policy; each channel has its own copy).
+    fcopy: Option<Arc<crate::fcopy::FcopyPolicy>>,
 }
 
 /// Why the services could not start.
@@ -44,6 +47,9 @@ pub enum ServicesError {
     /// VSS needs the async runtime (its watchdog reports into it).
     #[error("the VSS service must be set up inside the async runtime")]
     NoRuntime,
+    /// The `[fcopy]` policy could not be built.
+    #[error(transparent)]
+    Fcopy(#[from] crate::fcopy::FcopySetupError),
 }
 
 impl Services {
@@ -71,12 +77,18 @@ impl Services {
         } else {
             None
         };
+        let fcopy = if config.service_enabled(ServiceKind::Fcopy) {
+            Some(Arc::new(config.fcopy.policy()?))
+        } else {
+            None
+        };
         let hvsock = Hvsock::new(None, config.hvsock.options());
         Ok(Self {
             config: Arc::new(config),
             kvp,
             vss,
             hvsock,
+            fcopy,
         })
     }
 
@@ -93,6 +105,7 @@ impl Services {
             kvp: Some(core),
             vss: None,
             hvsock,
+            fcopy: None,
         }
     }
 
@@ -160,6 +173,12 @@ impl Services {
             },
             ServiceKind::Vss => match &self.vss {
                 Some(core) => serve_ic(channel, VssService::new(core.clone())).await,
+                None => Err(ChannelError::Closed {
+                    channel: channel.label().to_owned(),
+                }),
+            },
+            ServiceKind::Fcopy => match &self.fcopy {
+                Some(policy) => serve_ic(channel, FcopyService::new(policy.clone())).await,
                 None => Err(ChannelError::Closed {
                     channel: channel.label().to_owned(),
                 }),
