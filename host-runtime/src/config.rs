@@ -39,6 +39,9 @@ pub struct Config {
     /// How `hvisd run` reaches the host.
     #[serde(default)]
     pub runtime: RuntimeSection,
+    /// Guest file copy (`Copy-VMFile`): where the host may write files.
+    #[serde(default)]
+    pub fcopy: crate::fcopy::FcopySection,
 }
 
 /// `[runtime]`: the transport `hvisd run` serves (`--transport` overrides it).
@@ -455,6 +458,9 @@ pub struct ServicesConfig {
     /// Backups (file-system freeze and thaw).
     #[serde(default = "yes")]
     pub vss: bool,
+    /// Guest file copy (also `[fcopy] enabled`; both must be on).
+    #[serde(default = "yes")]
+    pub fcopy: bool,
 }
 
 fn yes() -> bool {
@@ -469,6 +475,7 @@ impl Default for ServicesConfig {
             timesync: true,
             kvp: true,
             vss: true,
+            fcopy: true,
         }
     }
 }
@@ -707,6 +714,13 @@ impl Config {
                 });
             }
         }
+        if let Err((field, why)) = config.fcopy.validate() {
+            return Err(ConfigError::Invalid {
+                path: origin.to_owned(),
+                field,
+                why,
+            });
+        }
         if let Err(errors) = hvisd_plugin_host::manifest::validate_all(&config.plugin) {
             return Err(ConfigError::Plugins {
                 path: origin.to_owned(),
@@ -724,6 +738,7 @@ impl Config {
             ServiceKind::TimeSync => self.services.timesync,
             ServiceKind::Kvp => self.services.kvp,
             ServiceKind::Vss => self.services.vss,
+            ServiceKind::Fcopy => self.services.fcopy && self.fcopy.enabled,
         }
     }
 
@@ -889,6 +904,9 @@ mod tests {
         full.hvsock.unix_listen = Some("/run/hvisd/hvsock.sock".into());
         full.control.socket = Some("/run/hvisd/control.sock".into());
         full.control.metrics_listen = Some("127.0.0.1:9477".parse().unwrap());
+        full.fcopy.allowed_dirs = Some(vec!["/srv".into()]);
+        full.fcopy.owner = Some("root".into());
+        full.fcopy.group = Some(0);
         let plugin: hvisd_plugin_host::PluginManifest = toml::from_str(
             "name = \"p\"\npath = \"/p.wasm\"\nworlds = [\"kvp-provider\"]\n\
              [[kvp]]\npool = \"guest\"\nkeys = [\"a\"]\n[[dirs]]\nhost = \"/a\"\nguest = \"/a\"\n",

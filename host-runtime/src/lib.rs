@@ -13,6 +13,7 @@ pub mod channel;
 pub mod config;
 pub mod control;
 pub mod doorbell;
+pub mod fcopy;
 pub mod hvsock;
 pub mod log_format;
 pub mod log_gate;

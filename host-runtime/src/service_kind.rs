@@ -16,16 +16,19 @@ pub enum ServiceKind {
     Kvp,
     /// Backups: freeze and thaw the file systems around a host snapshot.
     Vss,
+    /// Guest file copy: the host writes files into the guest (`Copy-VMFile`).
+    Fcopy,
 }
 
 impl ServiceKind {
     /// Every kind, in the order the simulator offers them.
-    pub const ALL: [ServiceKind; 5] = [
+    pub const ALL: [ServiceKind; 6] = [
         Self::Heartbeat,
         Self::Shutdown,
         Self::TimeSync,
         Self::Kvp,
         Self::Vss,
+        Self::Fcopy,
     ];
 
     /// The name used in logs, config and simulator scripts.
@@ -36,6 +39,7 @@ impl ServiceKind {
             Self::TimeSync => "timesync",
             Self::Kvp => "kvp",
             Self::Vss => "vss",
+            Self::Fcopy => "fcopy",
         }
     }
 
@@ -48,6 +52,7 @@ impl ServiceKind {
             Self::TimeSync => class_id::TIMESYNC,
             Self::Kvp => class_id::KVP,
             Self::Vss => class_id::VSS,
+            Self::Fcopy => class_id::FCOPY,
         }
     }
 
@@ -60,6 +65,7 @@ impl ServiceKind {
             Self::TimeSync => MessageType::TIMESYNC,
             Self::Kvp => MessageType::KVP_EXCHANGE,
             Self::Vss => MessageType::VSS,
+            Self::Fcopy => MessageType::FCOPY,
         }
     }
 

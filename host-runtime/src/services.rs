@@ -2,6 +2,7 @@
 
 use crate::channel::{Channel, ChannelError, OwnedPacket};
 use crate::config::Config;
+use crate::fcopy::vmbus::FcopyService;
 use crate::hvsock::Hvsock;
 pub use crate::service_kind::ServiceKind;
 use crate::vss::VssCore;
@@ -27,6 +28,8 @@ pub struct Services {
     hvsock: Hvsock,
     /// The IC channels being served, for `hvisd status`.
     channels: Channels,
+    /// fcopy: where the host may write files (one policy; each channel has its own copy).
+    fcopy: Option<Arc<crate::fcopy::FcopyPolicy>>,
 }
 
 /// The IC channels being served and their state (negotiated versions, counts), for `hvisd
@@ -125,6 +128,9 @@ pub enum ServicesError {
     /// VSS needs the async runtime (its watchdog reports into it).
     #[error("the VSS service must be set up inside the async runtime")]
     NoRuntime,
+    /// The `[fcopy]` policy could not be built.
+    #[error(transparent)]
+    Fcopy(#[from] crate::fcopy::FcopySetupError),
 }
 
 impl Services {
@@ -152,6 +158,11 @@ impl Services {
         } else {
             None
         };
+        let fcopy = if config.service_enabled(ServiceKind::Fcopy) {
+            Some(Arc::new(config.fcopy.policy()?))
+        } else {
+            None
+        };
         let hvsock = Hvsock::new(None, config.hvsock.options());
         Ok(Self {
             config: Arc::new(config),
@@ -159,6 +170,7 @@ impl Services {
             vss,
             hvsock,
             channels: Channels::default(),
+            fcopy,
         })
     }
 
@@ -176,6 +188,7 @@ impl Services {
             vss: None,
             hvsock,
             channels: Channels::default(),
+            fcopy: None,
         }
     }
 
@@ -253,6 +266,15 @@ impl Services {
             },
             ServiceKind::Vss => match &self.vss {
                 Some(core) => self.serve_ic(channel, VssService::new(core.clone())).await,
+                None => Err(ChannelError::Closed {
+                    channel: channel.label().to_owned(),
+                }),
+            },
+            ServiceKind::Fcopy => match &self.fcopy {
+                Some(policy) => {
+                    self.serve_ic(channel, FcopyService::new(policy.clone()))
+                        .await
+                }
                 None => Err(ChannelError::Closed {
                     channel: channel.label().to_owned(),
                 }),

@@ -234,7 +234,7 @@ text = "x"
 }
 
 #[test]
-fn without_an_acceptor_pipe_offers_are_left_alone_and_logged_once() {
+fn a_pipe_offer_no_plugin_listens_on_is_closed_and_logged() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     std::fs::create_dir(&root).unwrap();
@@ -249,18 +249,12 @@ fn without_an_acceptor_pipe_offers_are_left_alone_and_logged_once() {
         {"action": "heartbeat"}
     ]}"#;
     let entries = transcript(&run_host_script(&root, script, Duration::from_secs(30)));
-    assert_eq!(
-        entries[0]["ok"], false,
-        "nobody should have opened the pipe"
-    );
+    // With a config file the plugin broker accepts (a reload may add a listening plugin); with
+    // none listening on the service it closes the connection: no echo, and the guest goes on.
+    assert_eq!(entries[0]["ok"], false, "nobody answered: {:#}", entries[0]);
     assert_eq!(entries[1]["ok"], true);
     assert_eq!(entries[2]["ok"], true);
-    assert_eq!(
-        guest
-            .process
-            .log_count("nothing accepts hvsock connections"),
-        1
-    );
+    assert_eq!(guest.process.log_count("no plugin listens on it"), 1);
 }
 
 #[test]

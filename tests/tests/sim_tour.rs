@@ -43,14 +43,15 @@ fn the_tour_passes_and_says_so_one_line_per_step() {
                 .is_some_and(|(n, _)| n.parse::<u32>().is_ok())
         })
         .collect();
-    assert_eq!(steps.len(), 10, "{text}");
+    assert_eq!(steps.len(), 11, "{text}");
     assert!(steps.iter().all(|l| l.contains(" ok ")), "{text}");
     for needle in [
         "app.version",
         "app-version heard the SET",
         "\"held\" while frozen, \"released\" after THAW",
         "reply 12:00 UTC",
-        "10 of 10 steps passed",
+        "11 of 11 steps passed",
+        "written whole",
     ] {
         assert!(text.contains(needle), "no {needle:?} in:\n{text}");
     }
@@ -75,7 +76,7 @@ fn the_tour_as_json_carries_verdicts_timings_and_the_transcript() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(report["failed"], 0);
-    assert_eq!(report["passed"], 10);
+    assert_eq!(report["passed"], 11);
     let steps = report["steps"].as_array().unwrap();
     assert!(steps.iter().all(|s| s["ok"] == true && s["ms"].is_number()));
     assert!(report["transcript"].as_array().unwrap().len() > 20);

@@ -5,6 +5,7 @@
 //! action with what was sent, what came back, statuses and timings.
 
 mod channel_actions;
+mod fcopy_actions;
 mod hostile_actions;
 mod hvsock_actions;
 mod ic_actions;
@@ -222,6 +223,7 @@ impl HostSimulator {
             Action::HvsockConnect { .. }
             | Action::HvsockListen { .. }
             | Action::HvsockWait { .. } => self.act_hvsock(action, script, timeout, entry).await,
+            Action::Fcopy { .. } => self.act_fcopy(action, timeout, entry).await,
         }
     }
 
@@ -515,6 +517,10 @@ pub async fn run_embedded(
     };
     config.shutdown = Default::default();
     sandbox_kvp_paths(&mut config, &root)?;
+    // Nor does a copy from the simulated host land in this machine's /var/lib.
+    if config.fcopy.drop_dir == Path::new(crate::fcopy::DEFAULT_DROP_DIR) {
+        config.fcopy.drop_dir = root.join("guest-fcopy");
+    }
     // A simulated host never freezes the machine it runs on unless the config says so (with an
     // allow-list of its own mounts).
     if config.vss.dry_run.is_none() {

@@ -364,6 +364,40 @@ pub enum Action {
         #[serde(default)]
         ring_size: Option<u32>,
     },
+    /// Copy a file into the guest as `Copy-VMFile` does: START_FILE_COPY, WRITE_TO_FILE per
+    /// 6 KiB fragment, COMPLETE_FCOPY (or CANCEL_FCOPY after `cancel_after` bytes); every status,
+    /// the bytes sent and the time are reported.
+    Fcopy {
+        /// The channel (default `fcopy`).
+        #[serde(default = "fcopy_name")]
+        name: String,
+        /// The guest's destination directory (`path_name`).
+        path: String,
+        /// The file's name (`file_name`).
+        file_name: String,
+        /// The content, as text ...
+        #[serde(default)]
+        text: Option<String>,
+        /// ... or this many pattern bytes (byte `i` is `i % 251`).
+        #[serde(default)]
+        size: Option<u64>,
+        /// Announce this `file_size` instead of the content's (hostile tests).
+        #[serde(default)]
+        file_size: Option<u64>,
+        /// `OVER_WRITE`.
+        #[serde(default)]
+        overwrite: bool,
+        /// `CREATE_PATH`.
+        #[serde(default)]
+        create_path: bool,
+        /// What the copy must end with: `ok` (default), `fail`, or a status name
+        /// (`HV_ERROR_ALREADY_EXISTS`...): the first status other than `HV_S_OK`, else the last.
+        #[serde(default = "expect_ok")]
+        expect: String,
+        /// Send CANCEL_FCOPY (instead of the rest and COMPLETE) once this many bytes are sent.
+        #[serde(default)]
+        cancel_after: Option<u64>,
+    },
     /// Wait until a listener has served its `count` connections (or, without a count, until
     /// it served at least one and none is in progress); records its figures.
     HvsockWait {
@@ -434,6 +468,9 @@ fn write_size() -> usize {
 fn echo() -> String {
     "echo".into()
 }
+fn fcopy_name() -> String {
+    "fcopy".into()
+}
 fn listener_name() -> String {
     "listener".into()
 }
@@ -481,6 +518,7 @@ impl Action {
             Action::HvsockConnect { .. } => "hvsock_connect",
             Action::HvsockListen { .. } => "hvsock_listen",
             Action::HvsockWait { .. } => "hvsock_wait",
+            Action::Fcopy { .. } => "fcopy",
         }
     }
 }

@@ -6,8 +6,8 @@
 //! host-pushed value reaching a plugin (which records it in the Guest pool, read back by the
 //! host), a backup with the example freeze hook (a real `FIFREEZE` of a loop-mounted image the
 //! tour made, in a private mount namespace, when run as root; the dry-run freezer otherwise), an
-//! hvsock session with the example hvsock plugin (which also opens a host service), and a
-//! re-offered channel.
+//! hvsock session with the example hvsock plugin (which also opens a host service), an fcopy
+//! transfer into the drop directory (and two refusals), and a re-offered channel.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -212,7 +212,7 @@ impl TourReport {
     }
 }
 
-type Check = fn(&[&Value]) -> Result<String, String>;
+type Check = Box<dyn Fn(&[&Value]) -> Result<String, String>>;
 
 struct Step {
     title: &'static str,
@@ -240,16 +240,21 @@ fn records(e: &Value) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-fn steps(loop_mount: bool) -> Vec<Step> {
+/// What the tour's fcopy step copies.
+const FCOPY_TEXT: &str = "copied by the simulated host with Copy-VMFile\n";
+
+fn steps(loop_mount: bool, drop_dir: &Path) -> Vec<Step> {
     let offer = |s: &str| json!({"action": "offer", "service": s});
+    let copied = drop_dir.join("tour/hello.txt");
+    let drop = drop_dir.display().to_string();
     vec![
         Step {
-            title: "negotiate every IC (heartbeat, shutdown, timesync, KVP, VSS)",
-            actions: ["heartbeat", "shutdown", "timesync", "kvp", "vss"]
+            title: "negotiate every IC (heartbeat, shutdown, timesync, KVP, VSS, fcopy)",
+            actions: ["heartbeat", "shutdown", "timesync", "kvp", "vss", "fcopy"]
                 .iter()
                 .map(|s| offer(s))
                 .collect(),
-            check: |e| {
+            check: Box::new(|e| {
                 let v: Vec<String> = e
                     .iter()
                     .map(|e| {
@@ -262,34 +267,34 @@ fn steps(loop_mount: bool) -> Vec<Step> {
                     })
                     .collect();
                 Ok(format!("framework/message: {}", v.join(", ")))
-            },
+            }),
         },
         Step {
             title: "heartbeat",
             actions: vec![json!({"action": "heartbeat", "count": 3, "sequence": 100})],
-            check: |e| {
+            check: Box::new(|e| {
                 let rounds = e[0]["rounds"].as_array().map(Vec::len).unwrap_or(0);
                 Ok(format!("{rounds} rounds, sequence numbers echoed +1"))
-            },
+            }),
         },
         Step {
             title: "time sync sample",
             actions: vec![json!({"action": "timesync"})],
-            check: |e| Ok(format!("answered {}", status(e[0]))),
+            check: Box::new(|e| Ok(format!("answered {}", status(e[0])))),
         },
         Step {
             title: "shutdown request (logged, never a power-off)",
             actions: vec![
                 json!({"action": "shutdown", "reason_code": 0, "message": "simulated host asks for a shutdown"}),
             ],
-            check: |e| Ok(format!("answered {}", status(e[0]))),
+            check: Box::new(|e| Ok(format!("answered {}", status(e[0])))),
         },
         Step {
             title: "KVP: enumerate every pool",
             actions: (0..5)
                 .map(|p| json!({"action": "kvp_enumerate", "pool": p}))
                 .collect(),
-            check: |e| {
+            check: Box::new(|e| {
                 let counts: Vec<String> = e
                     .iter()
                     .map(|e| format!("pool {}: {}", e["pool"], e["count"]))
@@ -306,7 +311,7 @@ fn steps(loop_mount: bool) -> Vec<Step> {
                         counts.join(", ")
                     )),
                 }
-            },
+            }),
         },
         Step {
             title: "KVP: a host-pushed value reaches a plugin",
@@ -315,14 +320,14 @@ fn steps(loop_mount: bool) -> Vec<Step> {
                 json!({"action": "sleep", "ms": 300}),
                 json!({"action": "kvp_get", "pool": "guest", "key": "app.last-host-set"}),
             ],
-            check: |e| {
+            check: Box::new(|e| {
                 let got = e[2]["received"]["value"].as_str().unwrap_or("");
                 if got == "app.greeting=hello from the host" {
                     Ok("app-version heard the SET and published app.last-host-set, read back by the host".into())
                 } else {
                     Err(format!("app.last-host-set is {got:?}"))
                 }
-            },
+            }),
         },
         Step {
             title: if loop_mount {
@@ -338,7 +343,7 @@ fn steps(loop_mount: bool) -> Vec<Step> {
                 json!({"action": "sleep", "ms": 300}),
                 json!({"action": "kvp_get", "pool": "guest", "key": "app.backup.state"}),
             ],
-            check: |e| {
+            check: Box::new(|e| {
                 let during = e[0]["during"][0]["received"]["value"]
                     .as_str()
                     .unwrap_or("")
@@ -355,7 +360,7 @@ fn steps(loop_mount: bool) -> Vec<Step> {
                     freeze["status"].as_str().unwrap_or("?"),
                     freeze["us"]
                 ))
-            },
+            }),
         },
         Step {
             title: "hvsock: a host tool talks to the status-echo plugin",
@@ -365,7 +370,7 @@ fn steps(loop_mount: bool) -> Vec<Step> {
                        "text": "status\nask host-time what time is it?\nhello hvsock\nquit\n"}),
                 json!({"action": "hvsock_wait", "name": "host-time"}),
             ],
-            check: |e| {
+            check: Box::new(|e| {
                 let reply = e[1]["reply_text"].as_str().unwrap_or("");
                 let lines: Vec<&str> = reply.lines().collect();
                 let ok = lines.len() == 3
@@ -380,7 +385,7 @@ fn steps(loop_mount: bool) -> Vec<Step> {
                 } else {
                     Err(format!("the plugin answered {reply:?}"))
                 }
-            },
+            }),
         },
         Step {
             title: "hvsock: 8192 lines echoed through the plugin",
@@ -389,7 +394,7 @@ fn steps(loop_mount: bool) -> Vec<Step> {
                                  "text": "the quick brown fox jumps over the lazy dog, 0123456789\n",
                                  "repeat": 8192}),
             ],
-            check: |e| {
+            check: Box::new(|e| {
                 if e[0]["echo_ok"] == json!(true) {
                     Ok(format!(
                         "{} bytes back, {} MiB/s",
@@ -398,7 +403,26 @@ fn steps(loop_mount: bool) -> Vec<Step> {
                 } else {
                     Err("the echo differs".into())
                 }
-            },
+            }),
+        },
+        Step {
+            title: "fcopy: Copy-VMFile into the drop directory",
+            actions: vec![
+                json!({"action": "fcopy", "path": format!("{drop}/tour"), "file_name": "hello.txt",
+                       "text": FCOPY_TEXT, "create_path": true}),
+                json!({"action": "fcopy", "path": format!("{drop}/tour"), "file_name": "hello.txt",
+                       "text": "again", "expect": "HV_ERROR_ALREADY_EXISTS"}),
+                json!({"action": "fcopy", "path": "/etc", "file_name": "passwd",
+                       "text": "x", "overwrite": true, "expect": "HV_E_ACCESSDENIED"}),
+            ],
+            check: Box::new(move |_| match std::fs::read_to_string(&copied) {
+                Ok(t) if t == FCOPY_TEXT => Ok(format!(
+                    "{} written whole (temporary file, fsync, rename); a second copy without overwrite refused; /etc/passwd refused by the policy",
+                    copied.display()
+                )),
+                Ok(t) => Err(format!("{} holds {t:?}", copied.display())),
+                Err(e) => Err(format!("{}: {e}", copied.display())),
+            }),
         },
         Step {
             title: "rescind and re-offer a channel",
@@ -407,7 +431,9 @@ fn steps(loop_mount: bool) -> Vec<Step> {
                 offer("heartbeat"),
                 json!({"action": "heartbeat", "count": 2, "sequence": 7}),
             ],
-            check: |_| Ok("the runtime closed the old channel and served the new one".into()),
+            check: Box::new(|_| {
+                Ok("the runtime closed the old channel and served the new one".into())
+            }),
         },
     ]
 }
@@ -502,6 +528,8 @@ keys = ["*"]
         config.plugins.cache_dir = sim_cache_dir(state);
     }
     config.vss.journal = state.join("vss-journal.json");
+    config.fcopy.drop_dir = state.join("fcopy");
+    config.fcopy.allowed_dirs = None;
     match freeze {
         FreezeSetup::Loop { mount } => {
             config.vss.dry_run = Some(false);
@@ -529,7 +557,7 @@ pub async fn run(
     plugins: String,
 ) -> anyhow::Result<TourReport> {
     let loop_mount = matches!(freeze, FreezeSetup::Loop { .. });
-    let steps = steps(loop_mount);
+    let steps = steps(loop_mount, &config.fcopy.drop_dir);
     let mut actions = Vec::new();
     let mut spans = Vec::new();
     for s in &steps {

@@ -39,10 +39,10 @@ pub const VSS_FRAMEWORK_VERSIONS: &[IcVersion] = hvisd_protocol::vss::FRAMEWORK_
 pub const VSS_VERSIONS: &[IcVersion] = hvisd_protocol::vss::MESSAGE_VERSIONS;
 
 /// fcopy framework versions (`hv_fcopy_uio_daemon.c`): 3.0 only.
-pub const FCOPY_FRAMEWORK_VERSIONS: &[IcVersion] = CURRENT_FRAMEWORK_VERSIONS;
+pub const FCOPY_FRAMEWORK_VERSIONS: &[IcVersion] = hvisd_protocol::fcopy::FRAMEWORK_VERSIONS;
 
 /// fcopy message versions (`hv_fcopy_uio_daemon.c`): 1.1 only.
-pub const FCOPY_VERSIONS: &[IcVersion] = &[v(1, 1)];
+pub const FCOPY_VERSIONS: &[IcVersion] = hvisd_protocol::fcopy::MESSAGE_VERSIONS;
 
 #[cfg(test)]
 mod tests {

@@ -9,12 +9,12 @@
 //!
 //! The first message on a channel is a version negotiation (`icmsgtype` 0) whose body is an
 //! [`NegotiateHeader`] followed by the host's framework versions, then its message versions. The
-//! service messages are in the submodules (VSS, with its daemon protocol, in [`crate::vss`]).
+//! service messages are in the submodules (VSS, with its daemon protocol, in [`crate::vss`]; fcopy
+//! in [`crate::fcopy`]).
 //! Everything here is plain data: parse and build, no I/O.
 //! All integers are little-endian on the wire, which the `zerocopy::little_endian` field types make
 //! explicit (and which keeps every struct free of alignment requirements).
 
-pub mod fcopy;
 pub mod heartbeat;
 pub mod shutdown;
 pub mod timesync;
@@ -289,6 +289,9 @@ pub mod status {
     pub const HV_ERROR_ALREADY_EXISTS: u32 = 0x8007_0050;
     /// The disk is full (fcopy write).
     pub const HV_ERROR_DISK_FULL: u32 = 0x8007_0070;
+    /// Access denied: Windows' `E_ACCESSDENIED`, not in Linux's header. hvisd answers an fcopy
+    /// whose destination its policy refuses with it (Linux would try and answer `HV_E_FAIL`).
+    pub const HV_E_ACCESSDENIED: u32 = 0x8007_0005;
     /// The request is not supported.
     pub const HV_ERROR_NOT_SUPPORTED: u32 = 0x8007_0032;
     /// The machine is locked.
@@ -308,6 +311,7 @@ pub mod status {
             HV_S_CONT => "HV_S_CONT",
             HV_ERROR_ALREADY_EXISTS => "HV_ERROR_ALREADY_EXISTS",
             HV_ERROR_DISK_FULL => "HV_ERROR_DISK_FULL",
+            HV_E_ACCESSDENIED => "HV_E_ACCESSDENIED",
             HV_ERROR_NOT_SUPPORTED => "HV_ERROR_NOT_SUPPORTED",
             HV_ERROR_MACHINE_LOCKED => "HV_ERROR_MACHINE_LOCKED",
             HV_ERROR_DEVICE_NOT_CONNECTED => "HV_ERROR_DEVICE_NOT_CONNECTED",

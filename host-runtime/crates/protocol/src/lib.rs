@@ -1,6 +1,7 @@
 //! Hyper-V integration-component wire formats. No I/O here.
 #![forbid(unsafe_code)]
 
+pub mod fcopy;
 pub mod guid;
 pub mod hvsock;
 pub mod ic;
