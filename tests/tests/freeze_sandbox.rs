@@ -152,9 +152,16 @@ fn the_root_is_a_tmpfs_that_refuses_fifreeze_and_the_real_root_is_out_of_reach()
     );
     let sleeper = sandbox.spawn_program("/bin/sleep", &["10"], &[]);
     let proc_dir = format!("/proc/{}", sleeper.pid());
-    // Until it has executed `sleep` it is nsenter's fork, with nsenter's descriptors.
+    // Until it has executed `sleep` it is nsenter's fork, with nsenter's descriptors; and until
+    // it sleeps, the dynamic loader may still hold a library open. Wait for the sleep itself
+    // (`/proc/PID/syscall` names nanosleep, 35, or clock_nanosleep, 230, on x86-64).
     let start = Instant::now();
-    while !std::fs::read_link(format!("{proc_dir}/exe")).is_ok_and(|exe| exe.ends_with("sleep")) {
+    let sleeping = || {
+        std::fs::read_link(format!("{proc_dir}/exe")).is_ok_and(|exe| exe.ends_with("sleep"))
+            && std::fs::read_to_string(format!("{proc_dir}/syscall"))
+                .is_ok_and(|s| s.starts_with("230 ") || s.starts_with("35 "))
+    };
+    while !sleeping() {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "sleep never started"
