@@ -10,6 +10,7 @@
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod channel;
+pub mod cli_output;
 pub mod config;
 pub mod control;
 pub mod doorbell;
@@ -20,6 +21,7 @@ pub mod log_gate;
 pub mod offer;
 pub mod plugins;
 pub mod runtime;
+pub mod sd_notify;
 pub mod service_kind;
 pub mod services;
 pub mod sim;

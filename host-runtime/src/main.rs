@@ -1,8 +1,10 @@
 //! `hvisd`: the runtime, the host simulator, and the operator's tools in one binary.
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use hvisd::cli_output::{self, print, print_line};
 use hvisd::config::Config;
+use hvisd::sd_notify;
 use hvisd::services::Services;
 use std::path::{Path, PathBuf};
 
@@ -90,6 +92,13 @@ enum Command {
         #[command(subcommand)]
         command: VssCommand,
     },
+    /// Print a shell completion script (e.g. `hvisd completions bash > /etc/bash_completion.d/hvisd`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; `hvisd man | man -l -`).
+    Man,
     /// Benchmarks that print figures (built with `--features bench`).
     #[cfg(feature = "bench")]
     Bench {
@@ -169,7 +178,24 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
     }
 }
 
-fn main() -> Result<()> {
+/// Prints each error once, on one line; a reader that closed standard output early ends the
+/// command quietly with status 141 (`hvisd::cli_output`).
+fn main() -> std::process::ExitCode {
+    use std::process::ExitCode;
+    match hvisd_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if cli_output::is_stdout_closed(&e) => {
+            ExitCode::from(cli_output::EXIT_STDOUT_CLOSED)
+        }
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "error: {}", cli_output::error_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hvisd_main() -> Result<()> {
     let cli = Cli::parse();
     if let Command::PluginWorker = cli.command {
         // First thing, single-threaded: the worker confines itself before anything else runs,
@@ -242,12 +268,28 @@ fn main() -> Result<()> {
                 _ => "status-text",
             };
             let text = runtime()?.block_on(hvisd::control::query(&socket, what))?;
-            write_stdout(&text)
+            Ok(print(text)?)
         }
-        Command::Kvp(args) => Ok(hvisd_kvp::cli::cli(&args, &mut std::io::stdout().lock())?),
+        Command::Kvp(args) => Ok(hvisd_kvp::cli::cli(&args, &mut cli_output::stdout())?),
         Command::Vss {
             command: VssCommand::Plan { config, json },
         } => vss_plan(config.as_ref(), json),
+        // Both are rendered into memory first: clap_complete panics on a failed write.
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "hvisd", &mut script);
+            print(&script)?;
+            Ok(())
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            // Section 8: a daemon and the administrator's tools around it.
+            clap_mangen::Man::new(Cli::command())
+                .section("8")
+                .render(&mut page)?;
+            print(&page)?;
+            Ok(())
+        }
         #[cfg(feature = "bench")]
         Command::Bench { which } => hvisd::bench::run(which),
     }
@@ -261,15 +303,18 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Resolves when SIGINT or SIGTERM arrives.
-async fn stop_signal() -> Result<()> {
+/// Takes over SIGINT and SIGTERM at once (from then on neither kills the process) and resolves
+/// when one arrives.
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 /// What `hvisd run` checks before it starts anything, so that a daemon that cannot work says
@@ -461,6 +506,11 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
             test.connect.clone(),
         ));
     }
+    // Configuration, services and plugins are up: systemd (`Type=notify`) may count the daemon as
+    // started, and stop it, as soon as it hears this; a config or plugin error above fails the
+    // start instead. The stop signals are ours first, so a stop right after READY is orderly.
+    let stop = stop_signal()?;
+    notify(sd_notify::READY);
     let serve = async {
         match kind {
             "kernel" => {
@@ -532,9 +582,9 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
     tokio::pin!(serve);
     let served = tokio::select! {
         r = &mut serve => r,
-        r = stop_signal() => {
-            r?;
+        () = stop => {
             tracing::info!("stopping");
+            notify(sd_notify::STOPPING);
             let _ = stop_tx.send(true);
             // Every transport watches `stop`; the grace period only bounds a transport that is
             // stuck in a system call.
@@ -559,6 +609,13 @@ async fn run(transport: &str, mut config: Config, config_path: Option<PathBuf>) 
     }
     tracing::info!("stopped");
     served
+}
+
+/// Tells systemd about a state change; the daemon runs on without it if that fails.
+fn notify(state: &str) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("cannot tell systemd {state}: {e}");
+    }
 }
 
 /// What accepts host-initiated hvsock connections: the plugin broker, when plugins are (or may
@@ -635,7 +692,7 @@ async fn host_script(root: PathBuf, file: PathBuf) -> Result<()> {
         .with_context(|| format!("creating shm root {}", root.display()))?;
     let mut host = hvisd::sim::HostSimulator::new(&root);
     let transcript = host.run(&script).await;
-    println!("{}", serde_json::to_string_pretty(&transcript)?);
+    print_line(&serde_json::to_string_pretty(&transcript)?)?;
     if !transcript.ok() {
         bail!(
             "{} of {} host actions failed",
@@ -668,7 +725,7 @@ async fn tour(
     } else {
         report.render()
     };
-    write_stdout(&text)?;
+    print(text)?;
     if !report.ok() {
         bail!(
             "{} of {} tour steps failed",
@@ -679,22 +736,13 @@ async fn tour(
     Ok(())
 }
 
-/// Writes to stdout; a closed stdout (`hvisd sim | head -1`) ends the output quietly.
-fn write_stdout(text: &str) -> Result<()> {
-    use std::io::Write;
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => Ok(r?),
-    }
-}
-
 async fn sim(script: Option<PathBuf>, root: Option<PathBuf>, config: Config) -> Result<()> {
     let script = match script {
         Some(path) => hvisd::sim::Script::load(&path)?,
         None => hvisd::sim::Script::tour(),
     };
     let transcript = hvisd::sim::run_embedded(&script, root.as_deref(), config).await?;
-    write_stdout(&(serde_json::to_string_pretty(&transcript)? + "\n"))?;
+    print_line(&serde_json::to_string_pretty(&transcript)?)?;
     if !transcript.ok() {
         bail!(
             "{} of {} host actions failed",
@@ -717,20 +765,17 @@ fn vss_plan(config: Option<&PathBuf>, json: bool) -> Result<()> {
         .map(|m| m.name.as_str())
         .collect();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "plan": plan,
-                "freeze_policy_plugins": policy_plugins,
-            }))?
-        );
+        print_line(&serde_json::to_string_pretty(&serde_json::json!({
+            "plan": plan,
+            "freeze_policy_plugins": policy_plugins,
+        }))?)?;
     } else {
-        print!("{plan}");
+        print(plan.to_string())?;
         if !policy_plugins.is_empty() {
-            println!(
+            print_line(&format!(
                 "\nAt backup time the freeze-policy plugin {} may narrow or reorder this (never widen it).",
                 policy_plugins.join(", ")
-            );
+            ))?;
         }
     }
     Ok(())
@@ -753,11 +798,23 @@ fn plugin_check(
             }
             _ => None,
         };
-    let report = hvisd_plugin_host::check(file, manifest.as_ref())?;
+    let report = match hvisd_plugin_host::check(file, manifest.as_ref()) {
+        Ok(report) => report,
+        Err(e) if json => {
+            // Scripts get the failure in the shape they asked for, as well as the error line.
+            print_line(&serde_json::to_string_pretty(&serde_json::json!({
+                "path": file,
+                "ok": false,
+                "error": e.to_string(),
+            }))?)?;
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        print_line(&serde_json::to_string_pretty(&report)?)?;
     } else {
-        print!("{report}");
+        print(report.to_string())?;
     }
     if !report.ok() {
         bail!("{} is not accepted", file.display());

@@ -28,9 +28,14 @@ pub fn workspace_root() -> PathBuf {
 ///
 /// The tests live in their own package, so Cargo does not hand them the binary; building it here is
 /// cheap when it is up to date and keeps `cargo test --workspace` self-sufficient.
+/// `$HVISD_E2E_BIN` names a binary to test instead (an installed one, or a copy kept apart from a
+/// target directory that other builds share).
 pub fn hvisd_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("HVISD_E2E_BIN") {
+            return PathBuf::from(bin);
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .args(["build", "--quiet", "-p", "hvisd", "--bin", "hvisd"])

@@ -149,12 +149,14 @@ impl<S: IcService> IcGuest<S> {
             match outcome {
                 NegotiateOutcome::Negotiated(n) => {
                     // Once per channel normally; a host that renegotiates in a loop gets a budget.
+                    // Both versions in the text, named: a log view that shows only the message
+                    // (the journal's MESSAGE) still tells them apart.
                     hvisd_protocol::throttled!(
                         info,
                         service,
-                        framework_version = %n.framework,
-                        message_version = %n.message,
-                        "IC versions negotiated"
+                        "IC versions negotiated: framework {}, message {}",
+                        n.framework,
+                        n.message
                     );
                     self.status.negotiated = Some(n);
                     status::HV_S_OK

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use hvisd_protocol::kvp::{MAX_KEY_SIZE, MAX_VALUE_SIZE, Pool};
 
-use crate::pool::{PoolStore, StoreError, StoreOptions};
+use crate::pool::{PoolStore, StoreError, StoreOptions, pool_file_name};
 
 /// What to do.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
@@ -94,6 +94,17 @@ pub enum KvpCliError {
     Output(#[from] std::io::Error),
 }
 
+fn exists(args: &KvpCliArgs, pool: Pool) -> bool {
+    args.pool_dir.join(pool_file_name(pool)).exists()
+}
+
+fn open(args: &KvpCliArgs) -> Result<PoolStore, KvpCliError> {
+    Ok(PoolStore::open_existing(
+        &args.pool_dir,
+        StoreOptions::default(),
+    )?)
+}
+
 /// Runs one command, writing the table (or JSON) to `out`.
 pub fn cli(args: &KvpCliArgs, out: &mut dyn Write) -> Result<(), KvpCliError> {
     // The operator's tool never creates the directory: a typo in --pool-dir is an error, not five
@@ -101,7 +112,9 @@ pub fn cli(args: &KvpCliArgs, out: &mut dyn Write) -> Result<(), KvpCliError> {
     if !args.pool_dir.is_dir() {
         return Err(KvpCliError::NoPoolDir(args.pool_dir.clone()));
     }
-    let mut store = PoolStore::open_existing(&args.pool_dir, StoreOptions::default())?;
+    // Opening the store creates the pool files it lacks (as the daemon does): `list` and `get`
+    // read only pools that exist, so they change nothing, and a directory without pools is
+    // listed empty.
     let default_pool = args.pool.unwrap_or(Pool::Guest);
     match &args.command {
         KvpCliCommand::List => {
@@ -109,10 +122,14 @@ pub fn cli(args: &KvpCliArgs, out: &mut dyn Write) -> Result<(), KvpCliError> {
                 .pool
                 .map(|p| vec![p])
                 .unwrap_or_else(|| Pool::ALL.to_vec());
+            let pools: Vec<Pool> = pools.into_iter().filter(|&p| exists(args, p)).collect();
             let mut rows = Vec::new();
-            for p in pools {
-                for (k, v) in store.list(p)? {
-                    rows.push((p, k, v));
+            if !pools.is_empty() {
+                let mut store = open(args)?;
+                for p in pools {
+                    for (k, v) in store.list(p)? {
+                        rows.push((p, k, v));
+                    }
                 }
             }
             if args.json {
@@ -134,12 +151,15 @@ pub fn cli(args: &KvpCliArgs, out: &mut dyn Write) -> Result<(), KvpCliError> {
             }
         }
         KvpCliCommand::Get { key } => {
-            let value = store
-                .get(default_pool, key)?
-                .ok_or_else(|| KvpCliError::NotFound {
-                    key: key.clone(),
-                    pool: default_pool,
-                })?;
+            let value = if exists(args, default_pool) {
+                open(args)?.get(default_pool, key)?
+            } else {
+                None
+            };
+            let value = value.ok_or_else(|| KvpCliError::NotFound {
+                key: key.clone(),
+                pool: default_pool,
+            })?;
             if args.json {
                 writeln!(
                     out,
@@ -152,7 +172,7 @@ pub fn cli(args: &KvpCliArgs, out: &mut dyn Write) -> Result<(), KvpCliError> {
         }
         KvpCliCommand::Set { key, value } => {
             check(key, value)?;
-            store.set(default_pool, key, value)?;
+            open(args)?.set(default_pool, key, value)?;
             if args.json {
                 writeln!(
                     out,
@@ -162,7 +182,7 @@ pub fn cli(args: &KvpCliArgs, out: &mut dyn Write) -> Result<(), KvpCliError> {
             }
         }
         KvpCliCommand::Delete { key } => {
-            let deleted = store.delete(default_pool, key)?;
+            let deleted = open(args)?.delete(default_pool, key)?;
             if !deleted {
                 return Err(KvpCliError::NotFound {
                     key: key.clone(),

@@ -622,6 +622,11 @@ impl JournalEntry {
     }
 }
 
+/// The file name of `pool` in the pool directory (`.kvp_pool_N`, as `hv_kvp_daemon` names it).
+pub fn pool_file_name(pool: Pool) -> String {
+    format!(".kvp_pool_{}", pool.number())
+}
+
 impl PoolStore {
     /// Opens (creating as the C daemon does: directory 0755, files 0644) the pools in `dir`. The
     /// directory must belong to this user and be writable by nobody else (pool files are written
@@ -674,7 +679,7 @@ impl PoolStore {
         let pools = Pool::ALL
             .into_iter()
             .map(|pool| {
-                let name = format!(".kvp_pool_{}", pool.number());
+                let name = pool_file_name(pool);
                 PoolFile {
                     path: dir.join(&name),
                     name,

@@ -97,6 +97,12 @@ pub fn check(
         what: format!("reading `{}`", wasm_path.display()),
         source,
     })?;
+    if let Some(why) = not_a_component(&wasm) {
+        return Err(HostError::NotAComponent {
+            path: wasm_path.to_owned(),
+            why,
+        });
+    }
     let engine = build_engine()?;
     let component =
         Component::new(&engine, &wasm).map_err(|e| HostError::Compile(format!("{e:#}")))?;
@@ -139,6 +145,26 @@ pub fn check(
         unsatisfied_imports,
         manifest,
     })
+}
+
+/// Why `bytes` cannot be a component, from the preamble alone (`\0asm`, a version and a layer:
+/// 0 for a core module, 1 for a component); `None` if they may be one. Without this, a text
+/// file or a core module reaches the compiler, whose several-line parse error does not say it.
+pub fn not_a_component(bytes: &[u8]) -> Option<&'static str> {
+    const MAGIC: &[u8] = b"\0asm";
+    const LAYER_CORE: [u8; 2] = [0, 0];
+    const LAYER_COMPONENT: [u8; 2] = [1, 0];
+    if !bytes.starts_with(MAGIC) {
+        return Some("no WebAssembly header (`\\0asm`)");
+    }
+    match bytes.get(6..8) {
+        None => Some("the file ends inside the WebAssembly header"),
+        Some(layer) if layer == LAYER_COMPONENT => None,
+        Some(layer) if layer == LAYER_CORE => Some(
+            "it is a core WebAssembly module; build a component (`cargo build --target wasm32-wasip2`, or `wasm-tools component new`)",
+        ),
+        Some(_) => Some("unknown WebAssembly layer in the header"),
+    }
 }
 
 fn verdict(
@@ -193,5 +219,38 @@ fn verdict(
         accepted: problems.is_empty(),
         problems,
         warnings,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_a_component;
+
+    #[test]
+    fn only_a_component_preamble_passes_the_header_check() {
+        let component = b"\0asm\x0d\x00\x01\x00";
+        let core_module = b"\0asm\x01\x00\x00\x00";
+        assert_eq!(not_a_component(component), None);
+        assert!(
+            not_a_component(core_module)
+                .unwrap()
+                .contains("core WebAssembly module")
+        );
+        assert!(
+            not_a_component(b"#!/bin/sh\necho hi\n")
+                .unwrap()
+                .contains("no WebAssembly header")
+        );
+        assert!(not_a_component(b"").is_some());
+        assert!(
+            not_a_component(b"\0asm\x0d")
+                .unwrap()
+                .contains("ends inside")
+        );
+        assert!(
+            not_a_component(b"\0asm\x0d\x00\x02\x00")
+                .unwrap()
+                .contains("unknown")
+        );
     }
 }

@@ -77,6 +77,14 @@ pub enum HostError {
     /// A component failed to compile.
     #[error("compiling the component failed: {0}")]
     Compile(String),
+    /// The file is not a WebAssembly component at all.
+    #[error("{}: not a WebAssembly component: {why}", path.display())]
+    NotAComponent {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What it is instead.
+        why: &'static str,
+    },
     /// One or more manifests are invalid; nothing was loaded.
     #[error("invalid plugin config:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
     Manifest(Vec<ManifestError>),

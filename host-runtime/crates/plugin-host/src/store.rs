@@ -14,8 +14,11 @@ use crate::state::{HostState, PluginContext};
 use crate::stdio::TracingStdio;
 use crate::text::truncate;
 
-/// Instances, tables and memories a component may create (Rust components use a handful).
-const MAX_INSTANCES: usize = 32;
+/// Instances, tables and memories a component may create. Rust components use a handful of core
+/// instances; a Python component (componentize-py: CPython, its libraries and adapters linked
+/// as separate core modules sharing one memory) 38. The count is fixed by the component's
+/// structure (nothing instantiates at run time), and memory stays capped by the one memory below.
+const MAX_INSTANCES: usize = 64;
 const MAX_TABLES: usize = 64;
 /// One linear memory per instance, so the manifest's memory cap is the plugin's
 /// whole heap (Rust wasm32-wasip2 components have exactly one).
