@@ -56,6 +56,26 @@ pub fn hvisd_bin() -> PathBuf {
     .clone()
 }
 
+/// Builds the example and test plugins (release, once per test process) and returns the directory
+/// that holds their `.wasm` files: what `hvisd sim --plugins DIR` takes. A clean checkout has no
+/// built plugins, so a test that runs `hvisd sim` passes this rather than relying on the default
+/// search path.
+pub fn example_plugins_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let built = hvisd_plugin_host::build::build_plugins(
+            &hvisd_plugin_host::build::plugins_workspace(),
+            "release",
+        )
+        .expect("building the plugins");
+        built["status-echo"]
+            .parent()
+            .expect("a built plugin lies in a directory")
+            .to_owned()
+    })
+    .clone()
+}
+
 /// A child process that is killed by its PID and reaped when dropped, so no test leaves one behind.
 pub struct ChildGuard {
     child: Option<Child>,

@@ -2,7 +2,7 @@
 //! line per error, `plugin check` on a file that is not a component, `kvp list` on a missing pool
 //! directory, and the systemd readiness notifications of `hvisd run`.
 
-use hvisd_e2e::hvisd_bin;
+use hvisd_e2e::{example_plugins_dir, hvisd_bin};
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -52,7 +52,8 @@ fn assert_quiet_sigpipe_exit(what: &str, out: &Output) {
 #[test]
 fn output_into_a_closed_pipe_exits_quietly_with_141_instead_of_panicking() {
     // The simulator's transcript is printed once the tour is over: a late EPIPE.
-    let out = run_into_closed_pipe(&["sim"]);
+    let plugins = example_plugins_dir();
+    let out = run_into_closed_pipe(&["sim", "--plugins", plugins.to_str().unwrap()]);
     assert_quiet_sigpipe_exit("hvisd sim", &out);
 
     for shell in ["bash", "zsh", "fish"] {
@@ -261,6 +262,8 @@ fn run_tells_systemd_ready_once_started_and_stopping_on_sigterm() {
 fn the_negotiation_log_line_names_the_framework_and_the_message_version() {
     let out = Command::new(hvisd_bin())
         .arg("sim")
+        .arg("--plugins")
+        .arg(example_plugins_dir())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .output()

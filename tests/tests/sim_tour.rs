@@ -3,14 +3,8 @@
 //! loop-mounted image the tour makes in a private mount namespace (the only mount its policy
 //! allows); otherwise it uses the dry-run freezer and says so.
 
-use hvisd_e2e::hvisd_bin;
-use hvisd_plugin_host::build::{build_plugins, plugins_workspace};
+use hvisd_e2e::{example_plugins_dir as plugins_dir, hvisd_bin};
 use std::process::{Command, Stdio};
-
-fn plugins_dir() -> std::path::PathBuf {
-    let built = build_plugins(&plugins_workspace(), "release").expect("building the plugins");
-    built["status-echo"].parent().unwrap().to_owned()
-}
 
 fn sim(args: &[&str]) -> std::process::Output {
     let dir = plugins_dir();
