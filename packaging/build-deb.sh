@@ -2,7 +2,9 @@
 # Builds the hvisd Debian package into TARGET_DIR/debian/ and prints its path (its one line on
 # stdout).
 #
-#     packaging/build-deb.sh [--profile release|dev]     # needs cargo-deb: cargo install cargo-deb --locked
+#     packaging/build-deb.sh [--profile dist|release|dev]     # needs cargo-deb: cargo install cargo-deb --locked
+#
+# The default profile, `dist`, is `release` with whole-program LTO (see the workspace Cargo.toml).
 #
 # cargo-deb packages files that exist; this script makes the ones that are built, in order:
 # 1. the hvisd binary (cargo build, PROFILE);
@@ -15,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-profile=release
+profile=dist
 if [ "${1:-}" = --profile ]; then
     profile=${2:?--profile needs a profile name}
 fi

@@ -1,5 +1,5 @@
 //! `hvisd bench ...`: benchmarks that print figures (a table, or JSON with `--json`). Built only
-//! with the `bench` feature (`cargo run --release -p hvisd --features bench -- bench ...`), so the
+//! with the `bench` feature (`cargo run --profile dist -p hvisd --features bench -- bench ...`), so the
 //! production binary carries neither the benchmark code nor the plugin build helper.
 
 pub mod freeze;
