@@ -3,11 +3,11 @@
 //! loop-mounted image the tour makes in a private mount namespace (the only mount its policy
 //! allows); otherwise it uses the dry-run freezer and says so.
 
-use hvisd_e2e::{example_plugins_dir as plugins_dir, hvisd_bin};
+use hvisd_e2e::{example_plugins_dir, hvisd_bin};
 use std::process::{Command, Stdio};
 
 fn sim(args: &[&str]) -> std::process::Output {
-    let dir = plugins_dir();
+    let dir = example_plugins_dir();
     let home = tempfile::tempdir().unwrap();
     Command::new(hvisd_bin())
         .arg("sim")
@@ -78,7 +78,7 @@ fn the_tour_as_json_carries_verdicts_timings_and_the_transcript() {
 
 #[test]
 fn a_closed_stdout_ends_the_output_quietly() {
-    let dir = plugins_dir();
+    let dir = example_plugins_dir();
     let mut child = Command::new(hvisd_bin())
         .args(["sim", "--plugins"])
         .arg(&dir)
